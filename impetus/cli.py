@@ -1,0 +1,104 @@
+"""The ``impetus`` console script."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+DEFAULT_CONFIG = "/etc/impetus/ecelerity.conf"
+
+
+def _load(path: str):
+    from .config import ConfigError, load_config
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(str(issue), file=sys.stderr)
+        n = len(exc.issues)
+        print(f"{path}: {n} configuration error{'s' if n != 1 else ''}", file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    print(f"{args.config}: configuration OK")
+    return 0
+
+
+def cmd_options(args) -> int:
+    from .config.options import render_options_table
+    print(render_options_table())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from .server import serve
+    return serve(config, args.config)
+
+
+def cmd_route(args) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from .server import make_resolver
+    from . import router
+
+    async def run():
+        resolver = make_resolver(config)
+        domain = args.domain.lower().rstrip(".")
+        plan = router.plan(args.binding, domain, config)
+        answers = await router.gather(plan, resolver)
+        return router.decide(plan, answers)
+
+    decision = asyncio.run(run())
+    print(router.format_decision(decision))
+    return 0 if decision.failure is None else 2
+
+
+def cmd_sink(args) -> int:
+    from .sink import run_sink
+    return run_sink(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(prog="impetus", description="Impetus outbound MTA")
+    p.add_argument("--version", action="version", version=f"impetus {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the MTA in the foreground")
+    s.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("check-config", help="validate a configuration file")
+    s.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("options", help="print the option table")
+    s.set_defaults(func=cmd_options)
+
+    s = sub.add_parser("route", help="show the routing decision for a domain now")
+    s.add_argument("domain")
+    s.add_argument("--binding", default="default")
+    s.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    s.set_defaults(func=cmd_route)
+
+    from .sink import add_sink_parser
+    add_sink_parser(sub)
+    sub.choices["sink"].set_defaults(func=cmd_sink)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

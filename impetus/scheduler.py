@@ -1,0 +1,517 @@
+"""The queue manager: single owner of queue state (Postfix's qmgr).
+
+Queues are keyed by (binding, routing domain) (spec §10.1). Each has an
+active deque (ready now) and a count of delayed messages; delayed messages
+wait in one global heap ordered by next attempt, so the cost of waking a
+queue does not grow with the number of domains.
+
+Delivery follows Momentum's model: a queue with active mail gets connection
+workers (up to ``Max_Outbound_Connections``); each worker resolves the route
+(cached for its TTL), opens a connection, and delivers batches of messages
+that share a body (up to ``Max_Recipients_Per_Batch``), keeping the
+connection for ``Idle_Timeout`` seconds when the queue runs dry.
+
+Outcomes (spec §10.2-§10.4): 2xx -> ``D``; 4xx -> ``T`` and the doubling
+retry schedule, or ``P`` when retries/expiry are exhausted; 5xx -> ``P`` and
+an RFC 3464 bounce (never for a null sender).
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import socket
+import time
+from collections import OrderedDict, deque
+
+from . import router
+from .bounce import Failure, render_bounce, should_bounce
+from .delivery import (DeliveryError, Connection, NO_MXS_REACHABLE, NOT_CONNECTED, Timeouts)
+from .logs import classify_bounce
+from .smtp.reply import Reply
+from .spool import IdGenerator, QueuedMessage, Spool, SpoolError, Submission
+
+log = logging.getLogger("impetus.scheduler")
+
+EXPIRED_TIME = Reply(554, "5.4.7", "[internal] exceeded max time without delivery")
+EXPIRED_RETRIES = Reply(554, "5.4.7", "[internal] exceeded max retries without delivery")
+SHUTDOWN = Reply(451, "4.3.2", "[internal] delivery interrupted by shutdown")
+
+
+class DomainQueue:
+    __slots__ = ("binding", "domain", "active", "delayed", "conns", "starting", "idle",
+                 "decision", "decision_expires", "rr", "delivered", "failed")
+
+    def __init__(self, binding: str, domain: str):
+        self.binding = binding
+        self.domain = domain
+        self.active: deque[QueuedMessage] = deque()
+        self.delayed = 0
+        self.conns = 0
+        self.starting = 0
+        self.idle: deque[asyncio.Future] = deque()
+        self.decision: router.RouteDecision | None = None
+        self.decision_expires = 0.0
+        self.rr = 0
+        self.delivered = 0
+        self.failed = 0
+
+
+def max_retries_auto(retry_interval: int, max_retry_interval: int, expiration: int) -> int:
+    """D13: how many doubling retry intervals fit inside the expiration."""
+    total, count, interval = 0, 0, max(1, retry_interval)
+    while count < 10000:
+        step = min(interval, max_retry_interval) if max_retry_interval > 0 else interval
+        if total + step > expiration:
+            break
+        total += step
+        count += 1
+        interval *= 2
+    return count
+
+
+class BodyCache:
+    """Bodies of recently accepted mail, so delivery need not re-read the spool."""
+
+    def __init__(self, limit_bytes: int = 64 << 20):
+        self.limit = limit_bytes
+        self.size = 0
+        self.items: OrderedDict[str, bytes] = OrderedDict()
+
+    def put(self, batch_id: str, body: bytes) -> None:
+        if len(body) > self.limit // 4:
+            return
+        self.items[batch_id] = body
+        self.size += len(body)
+        while self.size > self.limit:
+            _, old = self.items.popitem(last=False)
+            self.size -= len(old)
+
+    def get(self, batch_id: str) -> bytes | None:
+        return self.items.get(batch_id)
+
+    def drop(self, batch_id: str) -> None:
+        body = self.items.pop(batch_id, None)
+        if body is not None:
+            self.size -= len(body)
+
+
+class Scheduler:
+    def __init__(self, config, spool: Spool, resolver, logs, *, hostname: str | None = None):
+        self.config = config
+        self.spool = spool
+        self.resolver = resolver
+        self.logs = logs
+        self.hostname = hostname or config.lookup("Hostname") or socket.gethostname()
+        self.queues: dict[tuple[str, str], DomainQueue] = {}
+        self.delayed: list[tuple[float, int, QueuedMessage]] = []
+        self._seq = itertools.count()
+        self._timer_wake = asyncio.Event()
+        self._timer_task: asyncio.Task | None = None
+        self._workers: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()
+        self.failed_hosts: dict[tuple[str, int], float] = {}
+        self.connids = IdGenerator(shard=99)
+        self.bodies = BodyCache()
+        self.stopping = False
+        self.stats = {"delivered": 0, "transient": 0, "permanent": 0, "bounces": 0}
+
+    # -- entry points --------------------------------------------------------
+    async def start(self) -> int:
+        """Recover the spool and start the delayed-queue timer."""
+        recovered = self.spool.recover()
+        now = time.time()
+        for msg in recovered:
+            if msg.next_attempt > now:
+                self._delay(msg)
+            else:
+                self._activate(msg)
+        self._timer_task = asyncio.create_task(self._timer_loop(), name="delayed-timer")
+        return len(recovered)
+
+    def submit(self, msgs: list[QueuedMessage], body: bytes | None = None) -> None:
+        """Freshly spooled messages (already durable)."""
+        if body is not None and msgs:
+            self.bodies.put(msgs[0].batch_id, body)
+        for msg in msgs:
+            self._activate(msg)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop starting work; let in-flight transactions finish within ``grace``."""
+        self.stopping = True
+        if self._timer_task:
+            self._timer_task.cancel()
+        for q in self.queues.values():
+            while q.idle:
+                fut = q.idle.popleft()
+                if not fut.done():
+                    fut.set_result(False)
+        if self._workers:
+            done, pending = await asyncio.wait(list(self._workers), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=grace)
+
+    # -- queue bookkeeping ---------------------------------------------------
+    def queue_for(self, binding: str, domain: str) -> DomainQueue:
+        key = (binding, domain)
+        q = self.queues.get(key)
+        if q is None:
+            q = self.queues[key] = DomainQueue(binding, domain)
+        return q
+
+    def _activate(self, msg: QueuedMessage) -> None:
+        q = self.queue_for(msg.binding, msg.domain)
+        if msg.state == "delayed":
+            q.delayed -= 1
+        msg.state = "active"
+        q.active.append(msg)
+        self._kick(q)
+
+    def _delay(self, msg: QueuedMessage) -> None:
+        q = self.queue_for(msg.binding, msg.domain)
+        msg.state = "delayed"
+        q.delayed += 1
+        heapq.heappush(self.delayed, (msg.next_attempt, next(self._seq), msg))
+        if self.delayed[0][2] is msg:
+            self._timer_wake.set()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            now = time.time()
+            while self.delayed and self.delayed[0][0] <= now:
+                _, _, msg = heapq.heappop(self.delayed)
+                if msg.state == "delayed":
+                    self._activate(msg)
+            self._timer_wake.clear()
+            timeout = (self.delayed[0][0] - now) if self.delayed else 3600
+            try:
+                await asyncio.wait_for(self._timer_wake.wait(), max(0.001, timeout))
+            except asyncio.TimeoutError:
+                pass
+
+    def _lookup(self, name: str, q: DomainQueue):
+        return self.config.lookup(name, domain=q.domain, binding=q.binding)
+
+    def _kick(self, q: DomainQueue) -> None:
+        if self.stopping or not q.active:
+            return
+        while q.idle:
+            fut = q.idle.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                return
+        limit = self._lookup("Max_Outbound_Connections", q)
+        if limit is None or limit <= 0:
+            limit = 1 << 30
+        if q.conns < limit and (q.starting == 0 or len(q.active) > q.starting):
+            q.conns += 1
+            q.starting += 1
+            task = asyncio.create_task(self._worker(q))
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    def _background_task(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("spool update failed: %s", task.exception())
+            self.logs.panic(f"spool update failed: {task.exception()}")
+
+    # -- routing -------------------------------------------------------------
+    async def route(self, q: DomainQueue) -> router.RouteDecision:
+        now = time.monotonic()
+        if q.decision is not None and now < q.decision_expires:
+            return q.decision
+        plan = router.plan(q.binding, q.domain, self.config)
+        answers = await router.gather(plan, self.resolver)
+        decision = router.decide(plan, answers)
+        q.decision = decision
+        q.decision_expires = time.monotonic() + decision.ttl
+        return decision
+
+    def _candidate_hops(self, q: DomainQueue, decision: router.RouteDecision):
+        """Hops in trying order: by preference, round-robin within a level,
+        skipping hosts that failed less than ``Host_Failure_Retry`` ago."""
+        retry = self._lookup("Host_Failure_Retry", q)
+        now = time.monotonic()
+        q.rr += 1
+        out = []
+        for level in decision.levels:
+            n = len(level)
+            rotated = [level[(q.rr + i) % n] for i in range(n)] if n > 1 else level
+            for hop in rotated:
+                failed_at = self.failed_hosts.get((hop.ip, hop.port))
+                if failed_at is not None and now - failed_at < retry:
+                    continue
+                out.append(hop)
+        return out
+
+    async def _connect(self, q: DomainQueue, decision: router.RouteDecision):
+        """Try hops in order; a failure during connect/banner/EHLO moves on."""
+        timeouts = Timeouts.from_config(self.config, q.domain, q.binding)
+        errors = []
+        for hop in self._candidate_hops(q, decision):
+            conn = Connection(hop, timeouts, self.hostname)
+            try:
+                await conn.open()
+                return conn, None
+            except DeliveryError as exc:
+                conn.close()
+                self.failed_hosts[(hop.ip, hop.port)] = time.monotonic()
+                errors.append(f"{hop.host}[{hop.ip}]:{hop.port}: {exc.reply}")
+        detail = "; ".join(errors) if errors else "every host is within Host_Failure_Retry"
+        self.logs.panic(f"{q.binding}/{q.domain}: no host reachable: {detail}")
+        return None, detail
+
+    # -- the connection worker -------------------------------------------------
+    async def _worker(self, q: DomainQueue) -> None:
+        conn: Connection | None = None
+        starting = True
+        try:
+            while not self.stopping:
+                if not q.active:
+                    if conn is None or conn.broken:
+                        return
+                    if starting:
+                        starting = False
+                        q.starting -= 1
+                    if not await self._idle_wait(q):
+                        return
+                    continue
+                decision = await self.route(q)
+                if decision.failure is not None:
+                    self._fail_active(q, decision.failure, NOT_CONNECTED, "", 0, "")
+                    return
+                if conn is None or conn.broken:
+                    conn, detail = await self._connect(q, decision)
+                    if conn is None:
+                        self._fail_active(q, NO_MXS_REACHABLE, NOT_CONNECTED, "", 0, "")
+                        return
+                if starting:
+                    starting = False
+                    q.starting -= 1
+                batch = self._take_batch(q)
+                if not batch:
+                    continue
+                await self._deliver_batch(q, conn, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let one queue's bug stop the others
+            log.exception("worker for %s/%s crashed", q.binding, q.domain)
+            self.logs.panic(f"worker for {q.binding}/{q.domain} crashed: {exc!r}")
+        finally:
+            if starting:
+                q.starting -= 1
+            q.conns -= 1
+            if conn is not None:
+                await conn.quit()
+            if q.active and not self.stopping:
+                self._kick(q)
+
+    async def _idle_wait(self, q: DomainQueue) -> bool:
+        fut = asyncio.get_running_loop().create_future()
+        q.idle.append(fut)
+        try:
+            return await asyncio.wait_for(fut, self._lookup("Idle_Timeout", q))
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            try:
+                q.idle.remove(fut)
+            except ValueError:
+                pass
+
+    def _take_batch(self, q: DomainQueue) -> list[QueuedMessage]:
+        """Messages sharing one body, up to ``Max_Recipients_Per_Batch``."""
+        limit = max(1, self._lookup("Max_Recipients_Per_Batch", q))
+        first = q.active.popleft()
+        batch = [first]
+        while q.active and len(batch) < limit and q.active[0].batch_id == first.batch_id:
+            batch.append(q.active.popleft())
+        for m in batch:
+            m.state = "inflight"
+        return batch
+
+    def _body(self, batch_id: str) -> bytes:
+        body = self.bodies.get(batch_id)
+        if body is None:
+            body = self.spool.body(batch_id)
+        return body
+
+    async def _deliver_batch(self, q: DomainQueue, conn: Connection, batch: list[QueuedMessage]) -> None:
+        connid = self.connids.next()
+        first = batch[0]
+        try:
+            body = self._body(first.batch_id)
+        except SpoolError as exc:
+            self.logs.panic(f"{first.msgid}: {exc}")
+            self._permanent_many([(m, Reply(554, "5.3.0", "[internal] message body lost from spool"),
+                                   NOT_CONNECTED, connid, 0, "") for m in batch])
+            return
+        try:
+            results = await conn.send(first.sender, [m.rcpt for m in batch], body,
+                                      body_8bit=_has_8bit(body))
+        except DeliveryError as exc:
+            conn.close()
+            for m in batch:
+                self._transient(m, exc.reply, exc.stage, connid, conn.bytes_sent, conn.remote_ip)
+            return
+        permanent = []
+        delivered = []
+        now = time.time()
+        for m, res in zip(batch, results):
+            code = res.reply.code
+            if 200 <= code < 300:
+                delivered.append(m)
+                self.logs.mainlog.delivery(m.msgid, m.batch_id, connid, m.domain, m.size, m.group,
+                                           m.binding, m.retries, now - m.received_at, conn.remote_ip)
+            elif 400 <= code < 500:
+                self._transient(m, res.reply, res.stage, connid, conn.bytes_sent, conn.remote_ip)
+            else:
+                permanent.append((m, res.reply, res.stage, connid, conn.bytes_sent, conn.remote_ip))
+        if delivered:
+            q.delivered += len(delivered)
+            self.stats["delivered"] += len(delivered)
+            self._finish(delivered)
+        if permanent:
+            self._permanent_many(permanent)
+
+    # -- outcomes --------------------------------------------------------------
+    def _finish(self, msgs: list[QueuedMessage]) -> None:
+        for m in msgs:
+            m.state = "done"
+        self._background_task(self.spool.finish(msgs))
+
+    def _fail_active(self, q: DomainQueue, reply: Reply, stage: int, connid: str,
+                     bytes_sent: int, remote_ip: str) -> None:
+        """A domain-level outcome (route failure, nothing reachable) for all active mail."""
+        msgs = list(q.active)
+        q.active.clear()
+        if reply.code >= 500:
+            self._permanent_many([(m, reply, stage, connid, bytes_sent, remote_ip) for m in msgs])
+        else:
+            for m in msgs:
+                self._transient(m, reply, stage, connid, bytes_sent, remote_ip)
+
+    def _transient(self, m: QueuedMessage, reply: Reply, stage: int, connid: str,
+                   bytes_sent: int, remote_ip: str) -> None:
+        cfg = lambda name: self.config.lookup(name, domain=m.domain, binding=m.binding)  # noqa: E731
+        now = time.time()
+        expiration = cfg("Message_Expiration")
+        retry_interval = cfg("Retry_Interval")
+        max_interval = cfg("Max_Retry_Interval")
+        max_retries = cfg("Max_Retries")
+        if max_retries == "auto":
+            max_retries = max_retries_auto(retry_interval, max_interval, expiration)
+        if cfg("Never_Retry"):
+            final = EXPIRED_RETRIES
+        elif now >= m.received_at + expiration:
+            final = EXPIRED_TIME
+        elif max_retries != "none" and m.retries >= max_retries:
+            final = EXPIRED_RETRIES
+        else:
+            final = None
+        if final is not None:
+            # Log the attempt's own response, then the permanent verdict.
+            self.logs.mainlog.transient(m.msgid, m.batch_id, connid, m.domain, bytes_sent, m.group,
+                                        m.binding, stage, m.retries, now - m.received_at,
+                                        remote_ip, str(reply))
+            self._permanent_many([(m, final, stage, connid, bytes_sent, remote_ip)],
+                                 last_response=reply)
+            return
+        self.stats["transient"] += 1
+        self.logs.mainlog.transient(m.msgid, m.batch_id, connid, m.domain, bytes_sent, m.group,
+                                    m.binding, stage, m.retries, now - m.received_at,
+                                    remote_ip, str(reply))
+        m.retries += 1
+        interval = retry_interval * (2 ** min(m.retries - 1, 40))
+        if max_interval > 0:
+            interval = min(interval, max_interval)
+        # Never sleep past the expiry: the message gets its last attempt then.
+        m.next_attempt = min(now + interval, m.received_at + expiration)
+        self._delay(m)
+        self._background_task(self.spool.reschedule([m]))
+
+    def _permanent_many(self, failures, last_response: Reply | None = None) -> None:
+        """Log ``P`` + bouncelog ``B`` lines, bounce per original transaction, forget."""
+        now = time.time()
+        by_batch: dict[str, list] = {}
+        for m, reply, stage, connid, bytes_sent, remote_ip in failures:
+            self.stats["permanent"] += 1
+            q = self.queues.get((m.binding, m.domain))
+            if q is not None:
+                q.failed += 1
+            self.logs.mainlog.permanent(m.msgid, m.batch_id, connid, m.domain, bytes_sent, m.group,
+                                        m.binding, stage, m.retries, now - m.received_at,
+                                        remote_ip, str(reply))
+            self.logs.bouncelog.bounce(m.msgid, m.batch_id, connid, m.rcpt, m.sender, m.group,
+                                       m.binding, stage,
+                                       classify_bounce(reply.code, reply.enhanced, reply.text),
+                                       m.size, remote_ip, str(reply))
+            by_batch.setdefault(m.batch_id, []).append((m, reply, remote_ip))
+        for batch_id, items in by_batch.items():
+            first = items[0][0]
+            if should_bounce(first.sender) and self.config.lookup(
+                    "Generate_Bounces", domain=first.domain, binding=first.binding):
+                try:
+                    self._bounce(items, last_response)
+                except Exception as exc:  # a bounce must never lose the failure record
+                    log.exception("bounce generation failed")
+                    self.logs.panic(f"bounce for batch {batch_id} failed: {exc!r}")
+        self._finish([m for m, *_ in failures])
+
+    def _bounce(self, items, last_response: Reply | None) -> None:
+        first = items[0][0]
+        original = self._body(first.batch_id)
+        failures = []
+        for m, reply, remote_ip in items:
+            diag = str(reply)
+            if last_response is not None:
+                diag += f" (last response: {last_response})"
+            failures.append(Failure(recipient=m.rcpt, status=reply.enhanced or
+                                    f"{reply.code // 100}.0.0", diagnostic=diag,
+                                    remote_mta=remote_ip or None))
+        mailerdaemon = self.config.lookup("Mailerdaemon", domain=first.domain,
+                                          binding=first.binding) or f"mailer-daemon@{self.hostname}"
+        data = render_bounce(original=original, original_sender=first.sender, failures=failures,
+                             reporting_mta=self.hostname, mailerdaemon=mailerdaemon,
+                             inline=self.config.lookup("Bounces_Inline_Original",
+                                                       domain=first.domain, binding=first.binding),
+                             arrival_date=first.received_at)
+        self.stats["bounces"] += 1
+        self._background_task(self._inject_bounce(first.sender, data))
+
+    async def _inject_bounce(self, rcpt: str, data: bytes) -> None:
+        group = self.config.group_of("default")
+        sub = Submission(sender="", recipients=[rcpt], body=data, peer_ip="127.0.0.1",
+                         proto="internal", helo=self.hostname, binding="default", group=group)
+        msgs = await self.spool.accept(sub)
+        for m in msgs:
+            self.logs.mainlog.reception(m.msgid, m.batch_id, "", m.rcpt, "", "127.0.0.1", m.size,
+                                        "internal", m.group, m.binding)
+        self.submit(msgs, data)
+
+    # -- views for the CLI / console --------------------------------------------
+    def summary(self) -> dict:
+        active = sum(len(q.active) for q in self.queues.values())
+        delayed = sum(q.delayed for q in self.queues.values())
+        conns = sum(q.conns for q in self.queues.values())
+        return {"active": active, "delayed": delayed, "connections": conns,
+                "domains": len(self.queues), **self.stats}
+
+
+def _has_8bit(body: bytes) -> bool:
+    try:
+        body.decode("ascii")
+        return False
+    except UnicodeDecodeError:
+        return True

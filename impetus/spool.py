@@ -1,0 +1,320 @@
+"""Durable queue storage under ``Spoolbase``.
+
+One SQLite database in WAL mode per spool shard. An SMTP transaction's body
+is stored once (``bodies``); each recipient is its own queued message
+(``messages``) sharing the transaction's batch id, as Momentum logs them.
+
+Durability: every write goes through one writer thread that drains all
+pending operations into a single transaction and commits it with
+``synchronous=FULL`` (WAL fsync). Concurrent sessions therefore share one
+fsync (group commit), and ``accept`` returns only after its commit. SQLite's
+WAL gives crash atomicity: after SIGKILL a transaction is either wholly there
+or not at all.
+
+Several processes can later own one shard each (reception in its own process,
+as Postfix's smtpd); the scheduler reads every shard on recovery.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("impetus.spool")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bodies (
+    batch_id TEXT PRIMARY KEY,
+    data     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    msgid        TEXT PRIMARY KEY,
+    batch_id     TEXT NOT NULL,
+    sender       TEXT NOT NULL,
+    rcpt         TEXT NOT NULL,
+    domain       TEXT NOT NULL,
+    binding      TEXT NOT NULL,
+    grp          TEXT NOT NULL,
+    received_at  REAL NOT NULL,
+    retries      INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    size         INTEGER NOT NULL,
+    peer_ip      TEXT NOT NULL,
+    proto        TEXT NOT NULL,
+    helo         TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
+"""
+
+
+class SpoolError(Exception):
+    """The spool could not store or read something (disk full, I/O error)."""
+
+    def __init__(self, message: str, *, disk_full: bool = False):
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+class QueuedMessage:
+    """One recipient of one accepted transaction; the scheduler's unit of work.
+
+    Slotted: a million of these sit in memory for big delayed queues.
+    """
+
+    __slots__ = ("msgid", "batch_id", "sender", "rcpt", "domain", "binding",
+                 "group", "received_at", "retries", "next_attempt", "size",
+                 "peer_ip", "proto", "helo", "state")
+
+    def __init__(self, msgid, batch_id, sender, rcpt, domain, binding, group,
+                 received_at, retries, next_attempt, size, peer_ip, proto, helo=""):
+        self.msgid = msgid
+        self.batch_id = batch_id
+        self.sender = sender
+        self.rcpt = rcpt
+        self.domain = domain
+        self.binding = binding
+        self.group = group
+        self.received_at = received_at
+        self.retries = retries
+        self.next_attempt = next_attempt
+        self.size = size
+        self.peer_ip = peer_ip
+        self.proto = proto
+        self.helo = helo
+        self.state = "new"  # new | active | delayed | inflight | done
+
+    def __repr__(self) -> str:
+        return f"<QueuedMessage {self.msgid} {self.rcpt} {self.state}>"
+
+
+@dataclass
+class Submission:
+    """What reception hands the spool: one transaction, many recipients."""
+
+    sender: str
+    recipients: list[str]
+    body: bytes
+    peer_ip: str = "unknown"
+    proto: str = "esmtp"
+    helo: str = ""
+    binding: str = "default"
+    group: str = "default"
+
+
+def _domain_of(addr: str) -> str:
+    at = addr.rfind("@")
+    return addr[at + 1:].lower() if at >= 0 else ""
+
+
+class IdGenerator:
+    """Momentum-style ids (``20/00-25593-945A87F3``): node/shard-pid-counter."""
+
+    def __init__(self, shard: int = 0, node: int = 0):
+        self.prefix = f"{node:02d}/{shard:02d}-{os.getpid():05d}-"
+        self._counter = itertools.count(random.getrandbits(31))
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self._counter) & 0xFFFFFFFF:08X}"
+
+
+_STOP = object()
+
+
+class _Op:
+    __slots__ = ("kind", "args", "future", "loop")
+
+    def __init__(self, kind, args, future, loop):
+        self.kind = kind
+        self.args = args
+        self.future = future
+        self.loop = loop
+
+
+class Spool:
+    def __init__(self, spoolbase: str, shard: int = 0):
+        self.spoolbase = spoolbase
+        self.shard = shard
+        self.path = os.path.join(spoolbase, f"spool-{shard:02d}.db")
+        self.ids = IdGenerator(shard)
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+        self._read_db: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self.commits = 0
+        self.commit_seconds = 0.0
+        self.committed_ops = 0
+
+    # -- lifecycle -------------------------------------------------------
+    def open(self) -> None:
+        os.makedirs(self.spoolbase, exist_ok=True)
+        try:
+            self._db = self._connect()
+            self._db.executescript(SCHEMA)
+            self._db.commit()
+            self._read_db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            raise SpoolError(f"cannot open spool {self.path}: {exc}") from exc
+        self._thread = threading.Thread(target=self._writer, name=f"spool-writer-{self.shard}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._ops.put(_STOP)
+            self._thread.join(timeout=30)
+            self._thread = None
+        for db in (self._db, self._read_db):
+            if db is not None:
+                db.close()
+        self._db = self._read_db = None
+
+    # -- reads -----------------------------------------------------------
+    def recover(self) -> list[QueuedMessage]:
+        """Every unfinished message, oldest first."""
+        with self._read_lock:
+            rows = self._read_db.execute(
+                "SELECT msgid, batch_id, sender, rcpt, domain, binding, grp, received_at,"
+                " retries, next_attempt, size, peer_ip, proto, helo FROM messages"
+                " ORDER BY received_at").fetchall()
+        return [QueuedMessage(*row) for row in rows]
+
+    def body(self, batch_id: str) -> bytes:
+        with self._read_lock:
+            row = self._read_db.execute("SELECT data FROM bodies WHERE batch_id=?",
+                                        (batch_id,)).fetchone()
+        if row is None:
+            raise SpoolError(f"body of batch {batch_id} is missing from the spool")
+        return row[0]
+
+    def count(self) -> int:
+        with self._read_lock:
+            return self._read_db.execute("SELECT count(*) FROM messages").fetchone()[0]
+
+    # -- writes (all through the writer thread) -------------------------
+    async def accept(self, sub: Submission) -> list[QueuedMessage]:
+        """Store a transaction durably; returns its queued messages."""
+        now = time.time()
+        batch_id = self.ids.next()
+        msgs = [QueuedMessage(self.ids.next(), batch_id, sub.sender, rcpt, _domain_of(rcpt),
+                              sub.binding, sub.group, now, 0, now, len(sub.body),
+                              sub.peer_ip, sub.proto, sub.helo)
+                for rcpt in sub.recipients]
+        await self._submit("accept", (batch_id, sub.body, msgs))
+        return msgs
+
+    async def finish(self, msgs: list[QueuedMessage]) -> None:
+        """Delivered or failed for good: forget them (and unreferenced bodies)."""
+        if msgs:
+            await self._submit("finish", [(m.msgid, m.batch_id) for m in msgs])
+
+    async def reschedule(self, msgs: list[QueuedMessage]) -> None:
+        """Persist retries/next_attempt (after a transient failure)."""
+        if msgs:
+            await self._submit("reschedule", [(m.retries, m.next_attempt, m.msgid) for m in msgs])
+
+    def _submit(self, kind, args) -> asyncio.Future:
+        if self._thread is None:
+            raise SpoolError("spool is not open")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._ops.put(_Op(kind, args, fut, loop))
+        return fut
+
+    def _writer(self) -> None:
+        db = self._db
+        while True:
+            op = self._ops.get()
+            if op is _STOP:
+                return
+            batch = [op]
+            # Drain whatever else is waiting: one commit (one fsync) for all.
+            stop = False
+            while len(batch) < 2000:
+                try:
+                    nxt = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(db, batch)
+            if stop:
+                return
+
+    def _commit(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
+        t0 = time.monotonic()
+        error: Exception | None = None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                self._apply(db, op)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            error = exc
+        if error is not None and len(batch) > 1:
+            # One bad op must not fail its neighbours: retry them one by one.
+            for op in batch:
+                self._commit(db, [op])
+            return
+        self.commits += 1
+        self.committed_ops += len(batch)
+        self.commit_seconds += time.monotonic() - t0
+        for op in batch:
+            if error is None:
+                op.loop.call_soon_threadsafe(_resolve, op.future, None)
+            else:
+                text = str(error)
+                full = "full" in text.lower() or "disk" in text.lower()
+                op.loop.call_soon_threadsafe(
+                    _resolve, op.future, SpoolError(f"spool write failed: {text}", disk_full=full))
+
+    @staticmethod
+    def _apply(db: sqlite3.Connection, op: _Op) -> None:
+        if op.kind == "accept":
+            batch_id, body, msgs = op.args
+            db.execute("INSERT INTO bodies(batch_id, data) VALUES (?, ?)", (batch_id, body))
+            db.executemany(
+                "INSERT INTO messages(msgid, batch_id, sender, rcpt, domain, binding, grp,"
+                " received_at, retries, next_attempt, size, peer_ip, proto, helo)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(m.msgid, m.batch_id, m.sender, m.rcpt, m.domain, m.binding, m.group,
+                  m.received_at, m.retries, m.next_attempt, m.size, m.peer_ip, m.proto, m.helo)
+                 for m in msgs])
+        elif op.kind == "finish":
+            db.executemany("DELETE FROM messages WHERE msgid=?", [(mid,) for mid, _ in op.args])
+            for batch_id in {b for _, b in op.args}:
+                db.execute("DELETE FROM bodies WHERE batch_id=? AND NOT EXISTS"
+                           " (SELECT 1 FROM messages WHERE batch_id=?)", (batch_id, batch_id))
+        elif op.kind == "reschedule":
+            db.executemany("UPDATE messages SET retries=?, next_attempt=? WHERE msgid=?", op.args)
+        else:  # pragma: no cover - programming error
+            raise ValueError(op.kind)
+
+
+def _resolve(fut: asyncio.Future, error: Exception | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
