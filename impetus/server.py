@@ -1,0 +1,105 @@
+"""``impetus serve``: wires listener -> spool -> scheduler -> router -> delivery.
+
+Shutdown (SIGTERM/SIGINT): stop accepting connections, let sessions that are
+committing a message finish, let in-flight deliveries finish within a grace
+period (anything cut short stays in the spool and is delivered after the next
+start), flush logs, exit 0. SIGKILL loses nothing acknowledged: the 250 after
+DATA is sent only after the spool commit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from .dns import Resolver, parse_resolv_conf
+from .listener import Listener
+from .logs import Logs
+from .scheduler import Scheduler
+from .spool import Spool
+
+log = logging.getLogger("impetus")
+
+
+def make_resolver(config) -> Resolver:
+    path = config.lookup("Resolv_Conf") or "/etc/resolv.conf"
+    settings = parse_resolv_conf(path)
+    return Resolver(settings, min_ttl=config.lookup("Min_DNS_TTL"),
+                    max_ttl=config.lookup("Max_DNS_TTL"))
+
+
+def make_logs(config) -> Logs:
+    lg = config.loggers
+    return Logs(mainlog=lg.mainlog, rejectlog=lg.rejectlog, paniclog=lg.paniclog,
+                bouncelog=lg.bouncelog)
+
+
+class Server:
+    def __init__(self, config, config_path: str):
+        self.config = config
+        self.config_path = config_path
+        self.hostname = config.lookup("Hostname") or socket.gethostname()
+        self.logs = make_logs(config)
+        self.spool = Spool(config.lookup("Spoolbase"))
+        self.resolver = make_resolver(config)
+        self.scheduler: Scheduler | None = None
+        self.listeners: list[Listener] = []
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self.spool.open()
+        self.scheduler = Scheduler(self.config, self.spool, self.resolver, self.logs,
+                                   hostname=self.hostname)
+        recovered = await self.scheduler.start()
+        self.logs.panic(f"impetus starting (pid {os.getpid()}), recovered {recovered} "
+                        f"queued messages from {self.spool.path}")
+        for lc in self.config.listeners:
+            listener = Listener(lc, self.config, self.spool, self.logs, self.scheduler.submit,
+                                hostname=self.hostname)
+            await listener.start()
+            self.listeners.append(listener)
+            print(f"impetus: listening on {lc.address}", flush=True)
+        print(f"impetus: started, {recovered} messages recovered from the spool", flush=True)
+
+    async def stop(self) -> None:
+        for listener in self.listeners:
+            await listener.stop_accepting()
+        for listener in self.listeners:
+            await listener.drain(grace=10.0)
+        if self.scheduler is not None:
+            await self.scheduler.stop(grace=10.0)
+        self.spool.close()
+        self.logs.panic("impetus stopped")
+        self.logs.close()
+
+    async def run(self) -> int:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopped.set)
+        await self.stopped.wait()
+        print("impetus: shutting down", flush=True)
+        await self.stop()
+        return 0
+
+
+def install_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def serve(config, config_path: str) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="impetus: %(levelname)s %(name)s: %(message)s")
+    install_loop()
+    try:
+        return asyncio.run(Server(config, config_path).run())
+    except OSError as exc:
+        print(f"impetus: cannot start: {exc}", file=sys.stderr)
+        return 1
