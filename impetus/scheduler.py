@@ -224,7 +224,7 @@ class Scheduler:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("spool update failed: %s", task.exception())
-            self.logs.panic(f"spool update failed: {task.exception()}")
+            self.logs.paniclog.panic(f"spool update failed: {task.exception()}")
 
     # -- routing -------------------------------------------------------------
     async def route(self, q: DomainQueue) -> router.RouteDecision:
@@ -269,7 +269,7 @@ class Scheduler:
                 self.failed_hosts[(hop.ip, hop.port)] = time.monotonic()
                 errors.append(f"{hop.host}[{hop.ip}]:{hop.port}: {exc.reply}")
         detail = "; ".join(errors) if errors else "every host is within Host_Failure_Retry"
-        self.logs.panic(f"{q.binding}/{q.domain}: no host reachable: {detail}")
+        self.logs.paniclog.panic(f"{q.binding}/{q.domain}: no host reachable: {detail}")
         return None, detail
 
     # -- the connection worker -------------------------------------------------
@@ -307,7 +307,7 @@ class Scheduler:
             raise
         except Exception as exc:  # never let one queue's bug stop the others
             log.exception("worker for %s/%s crashed", q.binding, q.domain)
-            self.logs.panic(f"worker for {q.binding}/{q.domain} crashed: {exc!r}")
+            self.logs.paniclog.panic(f"worker for {q.binding}/{q.domain} crashed: {exc!r}")
         finally:
             if starting:
                 q.starting -= 1
@@ -353,7 +353,7 @@ class Scheduler:
         try:
             body = self._body(first.batch_id)
         except SpoolError as exc:
-            self.logs.panic(f"{first.msgid}: {exc}")
+            self.logs.paniclog.panic(f"{first.msgid}: {exc}")
             self._permanent_many([(m, Reply(554, "5.3.0", "[internal] message body lost from spool"),
                                    NOT_CONNECTED, connid, 0, "") for m in batch])
             return
@@ -466,7 +466,7 @@ class Scheduler:
                     self._bounce(items, last_response)
                 except Exception as exc:  # a bounce must never lose the failure record
                     log.exception("bounce generation failed")
-                    self.logs.panic(f"bounce for batch {batch_id} failed: {exc!r}")
+                    self.logs.paniclog.panic(f"bounce for batch {batch_id} failed: {exc!r}")
         self._finish([m for m, *_ in failures])
 
     def _bounce(self, items, last_response: Reply | None) -> None:

@@ -32,9 +32,7 @@ def make_resolver(config) -> Resolver:
 
 
 def make_logs(config) -> Logs:
-    lg = config.loggers
-    return Logs(mainlog=lg.mainlog, rejectlog=lg.rejectlog, paniclog=lg.paniclog,
-                bouncelog=lg.bouncelog)
+    return Logs.from_config(config)
 
 
 class Server:
@@ -54,7 +52,7 @@ class Server:
         self.scheduler = Scheduler(self.config, self.spool, self.resolver, self.logs,
                                    hostname=self.hostname)
         recovered = await self.scheduler.start()
-        self.logs.panic(f"impetus starting (pid {os.getpid()}), recovered {recovered} "
+        self.logs.paniclog.panic(f"impetus starting (pid {os.getpid()}), recovered {recovered} "
                         f"queued messages from {self.spool.path}")
         for lc in self.config.listeners:
             listener = Listener(lc, self.config, self.spool, self.logs, self.scheduler.submit,
@@ -72,7 +70,7 @@ class Server:
         if self.scheduler is not None:
             await self.scheduler.stop(grace=10.0)
         self.spool.close()
-        self.logs.panic("impetus stopped")
+        self.logs.paniclog.panic("impetus stopped")
         self.logs.close()
 
     async def run(self) -> int:

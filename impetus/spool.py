@@ -106,6 +106,7 @@ class Submission:
     helo: str = ""
     binding: str = "default"
     group: str = "default"
+    batch_id: str | None = None  # pre-allocated by reception (for Received:)
 
 
 def _domain_of(addr: str) -> str:
@@ -209,7 +210,7 @@ class Spool:
     async def accept(self, sub: Submission) -> list[QueuedMessage]:
         """Store a transaction durably; returns its queued messages."""
         now = time.time()
-        batch_id = self.ids.next()
+        batch_id = sub.batch_id or self.ids.next()
         msgs = [QueuedMessage(self.ids.next(), batch_id, sub.sender, rcpt, _domain_of(rcpt),
                               sub.binding, sub.group, now, 0, now, len(sub.body),
                               sub.peer_ip, sub.proto, sub.helo)

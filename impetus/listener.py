@@ -1,0 +1,144 @@
+"""The ESMTP listener (Postfix's smtpd): relay policy, Received:, spool commit.
+
+The protocol itself lives in ``smtp.server`` (sans-I/O) and ``smtp.serve``
+(asyncio glue). This module decides who may relay (spec §9) and turns a
+received message into a durable spool entry before the 250 goes out.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import time
+
+from .smtp import serve as smtp_serve
+from .smtp.reply import Reply
+from .smtp.server import Policy, ServerSettings
+from .spool import IdGenerator, Spool, SpoolError, Submission
+
+log = logging.getLogger("impetus.listener")
+
+RELAYING_DENIED = Reply(550, "5.7.1", "relaying denied")
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+SPOOL_FAILED = Reply(451, "4.3.0", "Temporary failure writing the message to the spool")
+
+
+def domain_matches(domain: str, pattern: str) -> bool:
+    """``Relay_Domains`` matching (spec §9): exact, or left-globbed ``*suffix``.
+
+    ``*.example.com`` does not match ``example.com``; ``*example.com`` matches
+    ``badexample.com`` as documented.
+    """
+    domain = domain.lower().rstrip(".")
+    pattern = pattern.lower().rstrip(".")
+    if pattern.startswith("*"):
+        suffix = pattern[1:]
+        return domain.endswith(suffix) and len(domain) > len(suffix)
+    return domain == pattern
+
+
+class RelayPolicy(Policy):
+    """Who may relay through this listener (spec §9)."""
+
+    def __init__(self, relay_hosts, relay_domains, rejectlog, connids: IdGenerator):
+        self.connids = connids
+        self.relay_hosts = list(relay_hosts or [])
+        self.relay_domains = list(relay_domains or [])
+        self.rejectlog = rejectlog
+
+    def check_connect(self, session):
+        if not session.conn_id:
+            session.conn_id = self.connids.next()
+        return None
+
+    def can_relay(self, session) -> bool:
+        cached = session.extra.get("can_relay")
+        if cached is None:
+            try:
+                ip = ipaddress.ip_address(session.peer_ip)
+                if ip.version == 6 and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped
+                cached = any(ip in net for net in self.relay_hosts)
+            except ValueError:
+                cached = False
+            session.extra["can_relay"] = cached
+        return cached
+
+    def check_rcpt(self, session, addr, params):
+        if self.can_relay(session):
+            return None
+        if addr.domain and any(domain_matches(addr.domain, p) for p in self.relay_domains):
+            return None
+        return RELAYING_DENIED
+
+    def on_reject(self, session, reply, phase):
+        self.rejectlog.reject(remote=(session.peer_ip, session.peer_port),
+                              local=(session.local_ip, session.local_port),
+                              connid=session.conn_id, code=reply.code, text=str(reply),
+                              phase=phase, module="esmtp_listener")
+
+
+class Listener:
+    def __init__(self, lc, config, spool: Spool, logs, on_spooled, *, hostname: str):
+        self.lc = lc
+        self.config = config
+        self.spool = spool
+        self.logs = logs
+        self.on_spooled = on_spooled
+        self.hostname = hostname
+        self.connids = IdGenerator(shard=98)
+        self.server = None
+        self.committing = 0
+        self.policy = RelayPolicy(lc.lookup("Relay_Hosts"), config.lookup("Relay_Domains"),
+                                  logs.rejectlog, self.connids)
+        self.settings = ServerSettings(hostname=hostname,
+                                       max_message_size=lc.lookup("Max_Message_Size") or 0)
+        self.group = config.group_of("default")
+
+    async def start(self) -> None:
+        self.server = await smtp_serve.start_server(
+            self.lc.host, self.lc.port, self.settings, self._policy_for, self._on_message,
+            idle_timeout=300)
+
+    def _policy_for(self, *args):
+        return self.policy
+
+    async def _on_message(self, envelope, session):
+        batch_id = self.spool.ids.next()
+        proto = "esmtp"
+        for_clause = f"\r\n\tfor <{envelope.rcpt_to[0]}>" if len(envelope.rcpt_to) == 1 else ""
+        with_proto = {"esmtp": "ESMTP", "lmtp": "LMTP"}.get(session.protocol, "SMTP")
+        received = (f"Received: from {envelope.helo or 'unknown'} ([{session.peer_ip}])\r\n"
+                    f"\tby {self.hostname} (Impetus) with {with_proto} id {batch_id}{for_clause};"
+                    f" {email.utils.formatdate(time.time())}\r\n")
+        body = received.encode("utf-8", "surrogateescape") + envelope.body
+        sub = Submission(sender=envelope.mail_from, recipients=list(envelope.rcpt_to), body=body,
+                         peer_ip=session.peer_ip or "unknown", proto=proto, helo=envelope.helo,
+                         binding="default", group=self.group, batch_id=batch_id)
+        self.committing += 1
+        try:
+            msgs = await self.spool.accept(sub)
+        except SpoolError as exc:
+            self.logs.paniclog.panic(f"reception from {session.peer_ip} failed: {exc}")
+            reply = NO_STORAGE if exc.disk_full else SPOOL_FAILED
+            self.policy.on_reject(session, reply, "data")
+            return reply
+        finally:
+            self.committing -= 1
+        mainlog = self.logs.mainlog
+        for m in msgs:
+            mainlog.reception(m.msgid, m.batch_id, session.conn_id, m.rcpt, m.sender, m.peer_ip,
+                              m.size, proto, m.group, m.binding)
+        self.on_spooled(msgs, body)
+        return Reply(250, "2.0.0", f"Ok: queued as {batch_id}")
+
+    async def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, grace: float) -> None:
+        """Wait (bounded) for sessions that are committing a message."""
+        deadline = time.monotonic() + grace
+        while self.committing and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
