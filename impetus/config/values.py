@@ -1,0 +1,342 @@
+"""Typed option values (spec §1.4).
+
+Each value type turns a syntax-tree :class:`~impetus.config.parser.Value`
+into a Python value or raises :class:`BadValue`.  The option name and the
+"got ..." part of the message are added by the caller, giving messages such
+as ``option 'Retry_Interval' expects a non-negative integer (seconds), got
+"soon"``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Any
+
+from .errors import Pos
+from .parser import Value
+
+BOOL_TRUE = frozenset({"true", "on", "enabled", "1"})
+BOOL_FALSE = frozenset({"false", "off", "disabled", "0"})
+
+_INT = re.compile(r"[+-]?[0-9]+\Z")
+_OCTAL = re.compile(r"0[0-7]*\Z")
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+_DOMAIN_PATTERN = re.compile(r"\*?[a-z0-9_.-]*\Z")
+
+
+class BadValue(Exception):
+    """A value did not fit its type.
+
+    ``got`` overrides what is shown after "got" (default: the value as
+    written), ``detail`` is appended in parentheses, ``pos`` points at the
+    offending array element when there is one.
+    """
+
+    def __init__(self, got: str | None = None, detail: str | None = None,
+                 pos: Pos | None = None):
+        super().__init__(detail or got or "bad value")
+        self.got = got
+        self.detail = detail
+        self.pos = pos
+
+
+class ValueType:
+    #: short name for the options table
+    name = "string"
+    #: phrase used after "expects"
+    expected = "a string"
+    #: "scalar", "array" or "hash"
+    shape = "scalar"
+
+    def convert(self, node: Value, base_dir: str) -> Any:
+        if node.kind != self.shape:
+            raise BadValue()
+        return self.convert_scalar(node.text, node) if self.shape == "scalar" else node.to_python()
+
+    def convert_scalar(self, text: str, node: Value) -> Any:
+        return text
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        return str(value)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class Str(ValueType):
+    name = "string"
+    expected = "a string"
+
+
+class Path(ValueType):
+    """A file or directory path.  Relative paths are taken relative to the
+    directory of the config file that sets them."""
+
+    name = "path"
+    expected = "a path"
+
+    def convert(self, node: Value, base_dir: str) -> Any:
+        if node.kind != "scalar":
+            raise BadValue()
+        if not node.text:
+            raise BadValue(detail="the path is empty")
+        if "\x00" in node.text:
+            raise BadValue(detail="the path contains a NUL byte")
+        path = node.text
+        if not os.path.isabs(path) and base_dir:
+            path = os.path.normpath(os.path.join(base_dir, path))
+        return path
+
+
+class Int(ValueType):
+    def __init__(self, minimum: int | None = 0, maximum: int | None = None,
+                 unit: str | None = None):
+        self.minimum = minimum
+        self.maximum = maximum
+        self.unit = unit
+        if minimum == 0 and maximum is None:
+            phrase = "a non-negative integer"
+        elif minimum is not None and maximum is not None:
+            phrase = f"an integer {minimum}-{maximum}"
+        elif minimum is not None:
+            phrase = f"an integer >= {minimum}"
+        else:
+            phrase = "an integer"
+        if unit:
+            phrase += f" ({unit})"
+        self.expected = phrase
+        self.name = "duration" if unit == "seconds" else "int"
+        if unit and unit != "seconds":
+            self.name = f"int ({unit})"
+
+    def convert_scalar(self, text: str, node: Value) -> int:
+        t = text.strip()
+        if not _INT.match(t):
+            raise BadValue()
+        v = int(t, 10)
+        if self.minimum is not None and v < self.minimum:
+            raise BadValue()
+        if self.maximum is not None and v > self.maximum:
+            raise BadValue()
+        if abs(v) > 2**63:
+            raise BadValue(detail="too large")
+        return v
+
+
+class Port(Int):
+    def __init__(self) -> None:
+        super().__init__(1, 65535)
+        self.name = "port"
+        self.expected = "a port number (1-65535)"
+
+
+class Mode(ValueType):
+    """A file mode: octal with a leading 0 (``0644``), decimal otherwise."""
+
+    name = "mode"
+    expected = "a file mode (octal with a leading 0, e.g. 0644)"
+
+    def convert_scalar(self, text: str, node: Value) -> int:
+        t = text.strip()
+        if _OCTAL.match(t):
+            v = int(t, 8)
+        elif _INT.match(t) and not t.startswith(("-", "+")):
+            v = int(t, 10)
+        else:
+            raise BadValue()
+        if v > 0o7777:
+            raise BadValue()
+        return v
+
+    def format(self, value: Any) -> str:
+        return "-" if value is None else f"0{value:o}"
+
+
+class Bool(ValueType):
+    name = "bool"
+    expected = "a boolean (true/false, on/off, enabled/disabled, 1/0)"
+
+    def convert_scalar(self, text: str, node: Value) -> bool:
+        t = text.strip().lower()
+        if t in BOOL_TRUE:
+            return True
+        if t in BOOL_FALSE:
+            return False
+        raise BadValue()
+
+    def format(self, value: Any) -> str:
+        return "-" if value is None else ("true" if value else "false")
+
+
+class Enum(ValueType):
+    def __init__(self, *choices: str):
+        self.choices = tuple(c.lower() for c in choices)
+        self.name = "enum(" + "|".join(self.choices) + ")"
+        self.expected = "one of " + ", ".join(self.choices)
+
+    def convert_scalar(self, text: str, node: Value) -> str:
+        t = text.strip().lower()
+        if t not in self.choices:
+            raise BadValue()
+        return t
+
+
+class Array(ValueType):
+    name = "array"
+    expected = "an array of strings, e.g. ( \"a\" \"b\" )"
+    shape = "array"
+
+    def convert(self, node: Value, base_dir: str) -> list[str]:
+        if node.kind != "array":
+            raise BadValue()
+        return [v.text for v in node.items]
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        return "( " + " ".join(f'"{v}"' for v in value) + " )" if value else "()"
+
+
+class Hash(ValueType):
+    name = "hash"
+    expected = "a hash, e.g. [ key = \"value\" ]"
+    shape = "hash"
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        return "[ " + " ".join(f'{k} = "{v}"' for k, v in value.items()) + " ]" if value else "[]"
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IP address or CIDR block, v4 or v6 (bare or bracketed IPv6)."""
+    t = text.strip()
+    if t.startswith("[") and "]" in t:
+        inner, _, rest = t[1:].partition("]")
+        t = inner + rest
+    if t.lower().startswith("ipv6:"):
+        t = t[5:]
+    if "/" in t:
+        addr, _, plen = t.partition("/")
+        if not plen.isdigit():
+            raise ValueError(t)
+        ipaddress.ip_address(addr)  # host names fail here
+        return ipaddress.ip_network(f"{addr}/{int(plen)}", strict=False)
+    return ipaddress.ip_network(ipaddress.ip_address(t))
+
+
+def looks_like_hostname(text: str) -> bool:
+    t = text.strip().lower().rstrip(".")
+    if not t or not any(c.isalpha() for c in t):
+        return False
+    return all(_DNS_LABEL.match(lab) for lab in t.split("."))
+
+
+class AddrList(ValueType):
+    name = "address list"
+    expected = "an array of IP addresses or CIDR blocks"
+    shape = "array"
+
+    def convert(self, node: Value, base_dir: str) -> list:
+        if node.kind != "array":
+            raise BadValue()
+        out = []
+        for item in node.items:
+            try:
+                out.append(parse_network(item.text))
+            except ValueError:
+                detail = "host names are not allowed" if looks_like_hostname(item.text) else None
+                raise BadValue(got=_q(item.text), detail=detail, pos=item.pos) from None
+        return out
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        return "( " + " ".join(f'"{v}"' for v in value) + " )" if value else "()"
+
+
+class DomainList(Array):
+    """Relay_Domains-style list: exact domains or left-globbed ``*.example.com``."""
+
+    name = "domain list"
+    expected = "an array of domain names or '*.domain' patterns"
+
+    def convert(self, node: Value, base_dir: str) -> list[str]:
+        if node.kind != "array":
+            raise BadValue()
+        out = []
+        for item in node.items:
+            t = item.text.strip().lower().rstrip(".")
+            if not t or not _DOMAIN_PATTERN.match(t):
+                raise BadValue(got=_q(item.text), pos=item.pos)
+            out.append(t)
+        return out
+
+
+class Rate(ValueType):
+    """``"N"`` (per second) or ``"N/S"`` (per S seconds, S > 0) -> ``(N, S)``."""
+
+    name = "rate"
+    expected = 'a rate "N" or "N/S" (N >= 0, S > 0)'
+
+    def convert_scalar(self, text: str, node: Value) -> tuple[int, int]:
+        t = text.strip()
+        n, sep, s = t.partition("/")
+        n, s = n.strip(), s.strip()
+        if not n.isdigit() or not n.isascii():
+            raise BadValue()
+        if sep:
+            if not s.isdigit() or not s.isascii() or int(s) <= 0:
+                raise BadValue()
+            return (int(n), int(s))
+        return (int(n), 1)
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        n, s = value
+        return f"{n}" if s == 1 else f"{n}/{s}"
+
+
+class MaxRetries(ValueType):
+    """``Max_Retries``: a non-negative integer, ``auto`` or ``none``."""
+
+    name = "int|auto|none"
+    expected = "a non-negative integer, \"auto\" or \"none\""
+
+    def convert_scalar(self, text: str, node: Value) -> int | str:
+        t = text.strip().lower()
+        if t in ("auto", "none"):
+            return t
+        if _INT.match(t) and not t.startswith("-"):
+            return int(t)
+        raise BadValue()
+
+
+def _q(text: str) -> str:
+    from .lexer import quote
+    return quote(text)
+
+
+# Shared instances used by the option table.
+STR = Str()
+PATH = Path()
+BOOL = Bool()
+INT = Int()
+SIGNED = Int(minimum=None)
+INT_M1 = Int(minimum=-1)
+DURATION = Int(unit="seconds")
+MILLIS = Int(unit="milliseconds")
+TTL = Int(0, 4294967295, unit="seconds")
+PORT = Port()
+MODE = Mode()
+ARRAY = Array()
+HASH = Hash()
+ADDRLIST = AddrList()
+DOMAINLIST = DomainList()
+RATE = Rate()
+MAXRETRIES = MaxRetries()
