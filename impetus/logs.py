@@ -488,9 +488,13 @@ class BounceLog(LogFile):
         clock: Callable[[], float] = time.time,
         hires: bool = False,
         log_transient_failures: bool = True,
+        log_inband_bounces: bool = True,
+        log_outofband_bounces: bool = True,
     ) -> None:
         super().__init__(path, mode=mode, clock=clock, hires=hires)
         self.log_transient_failures = log_transient_failures
+        self.log_inband_bounces = log_inband_bounces
+        self.log_outofband_bounces = log_outofband_bounces
 
     def bounce(self, msgid, batchid, connid, rcpt, sender, group, binding,
                stage, bounce_class, size, remote_ip, raw_response,
@@ -498,7 +502,10 @@ class BounceLog(LogFile):
         """``B`` (bounce; stage 21 = out-of-band) or ``T`` (transient)."""
         if self._fd is None:
             return
-        if record_type == "T" and not self.log_transient_failures:
+        if record_type == "T":
+            if not self.log_transient_failures:
+                return
+        elif not (self.log_outofband_bounces if stage == 21 else self.log_inband_bounces):
             return
         rl, rd = split_address(rcpt)
         sl, sd = split_address(sender)
@@ -621,24 +628,47 @@ class Logs:
         self.bouncelog = BounceLog(bouncelog, mode=m("bouncelog"), **common,
                                    **dict(bouncelog_options or {}))
         self._heartbeat_tasks: list[asyncio.Task[None]] = []
+        self.heartbeat_interval: float = 60
+        self.bounce_heartbeat_interval: float = 60
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> Logs:
-        """Build from ``config.loggers`` (``.mainlog``, ``.rejectlog``,
-        ``.paniclog``, ``.bouncelog`` paths; optional ``*_mode`` and
-        ``log_hires_timestamp`` attributes are honoured when present)."""
+        """Build from ``config.loggers`` (``impetus.config.LoggerConfig``).
+
+        Uses the ``mainlog``/``rejectlog``/``paniclog``/``bouncelog`` paths,
+        the ``*_mode`` values, the ``log_receptions``, ``log_deliveries``,
+        ``log_transient_failures``, ``log_permanent_failures`` toggles
+        (mainlog), ``log_rejections`` (false disables the rejectlog),
+        ``log_inband_bounces``, ``log_outofband_bounces``,
+        ``bounce_log_transient_failures`` (bouncelog), ``heartbeat`` and
+        ``bounce_heartbeat`` (defaults of :meth:`start_heartbeat`) and
+        ``log_hires_timestamp`` when present.  Missing attributes take the
+        documented defaults.
+        """
         lg = config.loggers
-        modes = {n: getattr(lg, f"{n}_mode", None)
-                 for n in ("mainlog", "rejectlog", "paniclog", "bouncelog")}
-        kwargs.setdefault("hires", bool(getattr(lg, "log_hires_timestamp", False)))
-        return cls(
-            mainlog=getattr(lg, "mainlog", None),
-            rejectlog=getattr(lg, "rejectlog", None),
-            paniclog=getattr(lg, "paniclog", None),
-            bouncelog=getattr(lg, "bouncelog", None),
+        g = lambda name, default=None: getattr(lg, name, default)  # noqa: E731
+        modes = {n: g(f"{n}_mode") for n in ("mainlog", "rejectlog", "paniclog", "bouncelog")}
+        kwargs.setdefault("hires", bool(g("log_hires_timestamp", False)))
+        kwargs.setdefault("mainlog_options", {
+            n: bool(g(n, True)) for n in (
+                "log_receptions", "log_deliveries", "log_transient_failures",
+                "log_permanent_failures")})
+        kwargs.setdefault("bouncelog_options", {
+            "log_transient_failures": bool(g("bounce_log_transient_failures", True)),
+            "log_inband_bounces": bool(g("log_inband_bounces", True)),
+            "log_outofband_bounces": bool(g("log_outofband_bounces", True)),
+        })
+        logs = cls(
+            mainlog=g("mainlog"),
+            rejectlog=g("rejectlog") if g("log_rejections", True) else None,
+            paniclog=g("paniclog"),
+            bouncelog=g("bouncelog"),
             modes=modes,
             **kwargs,
         )
+        logs.heartbeat_interval = g("heartbeat", 60)
+        logs.bounce_heartbeat_interval = g("bounce_heartbeat", logs.heartbeat_interval)
+        return logs
 
     @property
     def all(self) -> tuple[LogFile, ...]:
@@ -658,17 +688,23 @@ class Logs:
         self.bouncelog.heartbeat()
         self.rejectlog.heartbeat()
 
-    def start_heartbeat(self, interval: float = 60.0,
+    def start_heartbeat(self, interval: float | None = None,
                         bounce_interval: float | None = None) -> list[asyncio.Task[None]]:
         """Start periodic heartbeats (must be called inside a running loop).
 
-        Every ``interval`` seconds the mainlog and rejectlog get a heartbeat
-        (ec_logger ``heartbeat``), every ``bounce_interval`` seconds (default
-        ``interval``) the bouncelog (bounce_logger ``heartbeat``).  A
-        non-positive interval disables that heartbeat.  The tasks stop on
-        :meth:`stop_heartbeat` / :meth:`close`.
+        Every ``interval`` seconds (default ``heartbeat_interval``: 60, or
+        the config's ``heartbeat``) the mainlog and rejectlog get a
+        heartbeat; every ``bounce_interval`` seconds (default: the config's
+        bounce_logger ``heartbeat`` if built with :meth:`from_config`, else
+        ``interval``) the bouncelog.  A non-positive interval disables that
+        heartbeat.  The tasks stop on :meth:`stop_heartbeat` / :meth:`close`.
+        Returns the started tasks.
         """
         self.stop_heartbeat()
+        if interval is None:
+            interval = self.heartbeat_interval
+            if bounce_interval is None:
+                bounce_interval = self.bounce_heartbeat_interval
         if bounce_interval is None:
             bounce_interval = interval
 

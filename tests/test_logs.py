@@ -467,6 +467,27 @@ def test_logs_from_config(tmp_path):
     logs.close()
 
 
+def test_logs_from_real_config_model(tmp_path):
+    from impetus.config.model import LoggerConfig
+
+    class Config:
+        loggers = LoggerConfig(mainlog=str(tmp_path / "main"), rejectlog=str(tmp_path / "rej"),
+                               bouncelog=str(tmp_path / "bounce"), mainlog_mode=0o600,
+                               log_receptions=False, log_rejections=False,
+                               log_outofband_bounces=False, heartbeat=30,
+                               bounce_heartbeat=90)
+
+    logs = Logs.from_config(Config(), clock=clock)
+    assert not logs.rejectlog.enabled
+    assert logs.mainlog.mode == 0o600 and not logs.mainlog.log_receptions
+    assert logs.heartbeat_interval == 30 and logs.bounce_heartbeat_interval == 90
+    logs.bouncelog.bounce("m", "b", "c", "x@y", "s@t", "g", "b", 21, 24, 1, "", "5 oob")
+    logs.bouncelog.bounce("m", "b", "c", "x@y", "s@t", "g", "b", 4, 10, 1, "", "5 inband")
+    logs.close()
+    assert [ln.rsplit("@", 1)[1] for ln in lines(tmp_path / "bounce")] == ["5 inband"]
+    assert stat.S_IMODE(os.stat(tmp_path / "main").st_mode) == 0o600
+
+
 async def test_start_heartbeat(tmp_path):
     logs = Logs(mainlog=tmp_path / "main", bouncelog=tmp_path / "bounce", clock=clock)
     tasks = logs.start_heartbeat(0.01)
