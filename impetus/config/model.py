@@ -552,6 +552,7 @@ class LoggerConfig:
     log_inband_bounces: bool = True
     log_outofband_bounces: bool = True
     bounce_log_transient_failures: bool = True
+    log_hires_timestamp: bool = False
     ec_logger: str | None = None        # instance name, None when not configured
     bounce_logger: str | None = None
 
@@ -782,7 +783,7 @@ class Config:
         return out
 
     def _loggers(self) -> LoggerConfig:
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"log_hires_timestamp": self.global_value("log_hires_timestamp")}
         ec = next(self.root.iter_children("ec_logger"), None)
         if ec is not None:
             kw["ec_logger"] = ec.name

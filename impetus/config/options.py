@@ -38,7 +38,9 @@ SCOPE_ORDER = (
 #: scopes of the outbound fallback chain (Config.lookup)
 OUTBOUND_SCOPES = frozenset({"global", "binding_group", "binding", "domain"})
 #: scopes of the listener fallback chain (ListenerConfig.lookup)
-LISTENER_SCOPES = frozenset({"global", "esmtp_listener", "listen", "peer"})
+#: (an option must be valid in one of these to be looked up on a listener;
+#: the global value is still part of the chain)
+LISTENER_SCOPES = frozenset({"esmtp_listener", "listen", "peer"})
 
 
 @dataclass(frozen=True)
