@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `impetus options | head` must not traceback
     args = build_parser().parse_args(argv)
     return args.func(args)
 

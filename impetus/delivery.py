@@ -13,32 +13,17 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .smtp.client import ProtocolError, ReplyParser, dot_stuff, parse_ehlo
+from .smtp.client import (CLOSED_BY_REMOTE, ProtocolError, ReplyParser, Stage, Transaction,
+                          dot_stuff, no_response_reply, parse_ehlo)
 from .smtp.reply import Reply
 
-# Connection stages (spec §12.5).
-NOT_CONNECTED, IDLE, DURING_MAIL, AFTER_MAIL, DURING_RCPT, AFTER_RCPT = 0, 1, 2, 3, 4, 5
-DURING_DATA, AFTER_DATA, SENDING_BODY, READING_CONFIRMATION = 6, 7, 8, 9
-DURING_EHLO, AFTER_EHLO, READING_BANNER, DURING_RSET = 10, 11, 12, 13
-
+NOT_CONNECTED = Stage.NOT_CONNECTED
 CONNECT_TIMED_OUT = Reply(450, "4.4.1", "[internal] Connection Timed Out")
-CLOSED_BY_REMOTE = Reply(451, "4.4.2", "[internal] connection closed by remote host")
 NO_MXS_REACHABLE = Reply(421, "4.4.0", "[internal] no MXs for this domain could be reached at this time")
-
-_NO_RESPONSE = {
-    READING_BANNER: "no banner",
-    DURING_EHLO: "no HELO/EHLO response",
-    DURING_MAIL: "no MAIL FROM response",
-    DURING_RCPT: "no RCPT TO response",
-    DURING_DATA: "no DATA response",
-    READING_CONFIRMATION: "no BODY response",
-    SENDING_BODY: "no BODY response",
-    DURING_RSET: "no RSET response",
-}
 
 
 def no_response(stage: int) -> Reply:
-    return Reply(451, "4.4.2", f"[internal] {_NO_RESPONSE.get(stage, 'no response')}")
+    return no_response_reply(stage)
 
 
 class DeliveryError(Exception):
@@ -162,10 +147,10 @@ class Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        banner = await self._reply(self.timeouts.ehlo, READING_BANNER)  # D14
+        banner = await self._reply(self.timeouts.ehlo, Stage.BANNER)  # D14
         if banner.code != 220:
             self.broken = True
-            raise DeliveryError(banner, READING_BANNER, True)
+            raise DeliveryError(banner, Stage.BANNER, True)
         await self._greet()
 
     async def _greet(self) -> None:
@@ -174,107 +159,75 @@ class Connection:
         else:
             verb = "EHLO" if self.esmtp else "HELO"
         self._write(f"{verb} {self.helo_name}\r\n".encode())
-        await self._drain(self.timeouts.ehlo, DURING_EHLO)
-        reply = await self._reply(self.timeouts.ehlo, DURING_EHLO)
+        await self._drain(self.timeouts.ehlo, Stage.EHLO)
+        reply = await self._reply(self.timeouts.ehlo, Stage.EHLO)
         if reply.code == 250:
             self.extensions = parse_ehlo(reply) if verb != "HELO" else {}
             return
         if verb == "EHLO" and reply.code >= 500:
             # RFC 5321 §4.1.4: fall back to HELO when EHLO is not understood.
             self._write(f"HELO {self.helo_name}\r\n".encode())
-            await self._drain(self.timeouts.ehlo, DURING_EHLO)
-            reply = await self._reply(self.timeouts.ehlo, DURING_EHLO)
+            await self._drain(self.timeouts.ehlo, Stage.EHLO)
+            reply = await self._reply(self.timeouts.ehlo, Stage.EHLO)
             if reply.code == 250:
                 self.extensions = {}
                 return
         self.broken = True
-        raise DeliveryError(reply, DURING_EHLO, True)
+        raise DeliveryError(reply, Stage.EHLO, True)
+
+    def _timeout_for(self, stage: int) -> float:
+        t = self.timeouts
+        if stage == Stage.RCPT:
+            return t.rcptto
+        if stage in (Stage.BODY, Stage.CONFIRMATION):
+            return t.body
+        if stage == Stage.RSET:
+            return t.rset
+        return t.mailfrom  # MAIL, and DATA's 354 per D14
 
     async def send(self, sender: str, rcpts: list[str], body: bytes, *, body_8bit: bool = False,
                    smtputf8: bool = False) -> list[RcptResult]:
-        """One transaction. Returns one result per recipient, in order.
+        """One transaction, driven by the sans-I/O ``Transaction``.
 
-        Raises ``DeliveryError`` when the connection itself fails; the caller
-        applies that reply to every recipient.
+        Returns one result per recipient, in order. A connection failure in
+        the middle gives every recipient without an outcome the internal
+        reply for that stage, and marks the connection broken.
         """
-        t = self.timeouts
         ext = self.extensions
-        pipelining = "PIPELINING" in ext
-        params = ""
-        if "SIZE" in ext:
-            params += f" SIZE={len(body)}"
-        if body_8bit and "8BITMIME" in ext:
-            params += " BODY=8BITMIME"
-        if smtputf8 and "SMTPUTF8" in ext:
-            params += " SMTPUTF8"
-        mail_cmd = f"MAIL FROM:<{sender}>{params}\r\n".encode()
-        rcpt_cmds = [f"RCPT TO:<{r}>\r\n".encode() for r in rcpts]
-        results: list[RcptResult | None] = [None] * len(rcpts)
-
-        if pipelining:
-            self._write(mail_cmd + b"".join(rcpt_cmds) + b"DATA\r\n")
-            await self._drain(t.mailfrom, DURING_MAIL)
-            mail_reply = await self._reply(t.mailfrom, DURING_MAIL)
-            rcpt_replies = [await self._reply(t.rcptto, DURING_RCPT) for _ in rcpts]
-            data_reply = await self._reply(t.mailfrom, DURING_DATA)  # D14
-        else:
-            self._write(mail_cmd)
-            await self._drain(t.mailfrom, DURING_MAIL)
-            mail_reply = await self._reply(t.mailfrom, DURING_MAIL)
-            rcpt_replies = []
-            data_reply = None
-            if mail_reply.code == 250:
-                for cmd in rcpt_cmds:
-                    self._write(cmd)
-                    await self._drain(t.rcptto, DURING_RCPT)
-                    rcpt_replies.append(await self._reply(t.rcptto, DURING_RCPT))
-
-        if mail_reply.code != 250:
-            for i in range(len(rcpts)):
-                results[i] = RcptResult(mail_reply, DURING_MAIL)
-            await self._rset_quietly()
-            return results  # type: ignore[return-value]
-
-        accepted = []
-        for i, reply in enumerate(rcpt_replies):
-            if reply.code in (250, 251):
-                accepted.append(i)
-            else:
-                results[i] = RcptResult(reply, DURING_RCPT)
-        if not accepted:
-            await self._rset_quietly()
-            return results  # type: ignore[return-value]
-
-        if data_reply is None:
-            self._write(b"DATA\r\n")
-            await self._drain(t.mailfrom, DURING_DATA)
-            data_reply = await self._reply(t.mailfrom, DURING_DATA)
-        if data_reply.code != 354:
-            for i in accepted:
-                results[i] = RcptResult(data_reply, DURING_DATA)
-            await self._rset_quietly()
-            return results  # type: ignore[return-value]
-
-        self._write(dot_stuff(body))
-        await self._drain(t.body, SENDING_BODY)
-        if self.lmtp:
-            for i in accepted:
-                results[i] = RcptResult(await self._reply(t.body, READING_CONFIRMATION),
-                                        READING_CONFIRMATION)
-        else:
-            final = await self._reply(t.body, READING_CONFIRMATION)
-            for i in accepted:
-                results[i] = RcptResult(final, READING_CONFIRMATION)
-        if any(results[i].reply.code == 250 for i in accepted):
+        tx = Transaction(sender, rcpts, pipelining="PIPELINING" in ext, lmtp=self.lmtp,
+                         size=len(body) if "SIZE" in ext else None,
+                         body_8bit=body_8bit and "8BITMIME" in ext,
+                         smtputf8=smtputf8 and "SMTPUTF8" in ext)
+        out = tx.begin()
+        try:
+            while True:
+                if out:
+                    self._write(out)
+                    await self._drain(self._timeout_for(tx.stage), tx.stage)
+                if tx.done:
+                    break
+                if tx.wants_body:
+                    self._write(dot_stuff(body))
+                    tx.body_sent()
+                    await self._drain(self.timeouts.body, Stage.BODY)
+                    out = b""
+                    continue
+                stage = tx.stage
+                out = tx.feed(await self._reply(self._timeout_for(stage), stage))
+        except DeliveryError as exc:
+            tx.abort(exc.reply, exc.stage)
+        if not tx.connection_usable:
+            self.broken = True
+        if tx.delivered:
             self.deliveries += 1
-        return results  # type: ignore[return-value]
+        return [RcptResult(o.reply, int(o.stage)) for o in tx.outcomes]
 
     async def _rset_quietly(self) -> None:
         """RSET so the session can carry the next batch (spec §10.2)."""
         try:
             self._write(b"RSET\r\n")
-            await self._drain(self.timeouts.rset, DURING_RSET)
-            reply = await self._reply(self.timeouts.rset, DURING_RSET)
+            await self._drain(self.timeouts.rset, Stage.RSET)
+            reply = await self._reply(self.timeouts.rset, Stage.RSET)
             if reply.code != 250:
                 self.broken = True
         except DeliveryError:
@@ -287,7 +240,7 @@ class Connection:
             if not self.broken:
                 self._write(b"QUIT\r\n")
                 await asyncio.wait_for(self.writer.drain(), 5)
-                await asyncio.wait_for(self._reply(5, IDLE), 5)
+                await asyncio.wait_for(self._reply(5, Stage.IDLE), 5)
         except (DeliveryError, asyncio.TimeoutError, OSError):
             pass
         finally:
