@@ -253,3 +253,85 @@ def test_sigterm_exits_zero_and_keeps_queued_mail(tmp_path, dns_server, smtp_sin
         assert [x.rcpt for x in s.recover()] == ["bob@example.test"]
     finally:
         s.close()
+
+
+def test_recipients_are_batched_per_transaction(tmp_path, dns_server, smtp_sinks):
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
+    with mta(tmp_path, dns_server, sink.port, "Max_Recipients_Per_Batch = 2") as m:
+        m.send("alice@src.test", ["a@example.test", "b@example.test", "c@example.test",
+                                  "d@amx.test"])
+        msgs = sink.wait_for(2)
+        m.mainlog.wait_for("D", 3)
+    # example.test: 3 recipients, at most 2 per transaction; amx.test goes elsewhere
+    assert sorted(len(x["rcpt_tos"]) for x in msgs) == [1, 2]
+    assert sorted(r for x in msgs for r in x["rcpt_tos"]) == ["a@example.test", "b@example.test",
+                                                              "c@example.test"]
+
+
+def test_pipelining_and_connection_reuse(tmp_path, dns_server, smtp_sinks):
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
+    with mta(tmp_path, dns_server, sink.port, "Idle_Timeout = 30") as m:
+        m.send("alice@src.test", ["a@example.test"])
+        sink.wait_for(1)
+        m.send("alice@src.test", ["b@example.test"])
+        sink.wait_for(2)
+    sessions = [s for s in sink.sessions if any(c.startswith("MAIL") for c in s["commands"])]
+    assert len(sessions) == 1, "the second message must reuse the cached connection"
+    cmds = sessions[0]["commands"]
+    assert cmds[0].startswith("EHLO impetus.test")
+    assert sum(c.startswith("MAIL FROM") for c in cmds) == 2
+
+
+def test_rcpt_timeout_is_transient_with_internal_text(tmp_path, dns_server, smtp_sinks):
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"), delays={"RCPT": 3})
+    with mta(tmp_path, dns_server, sink.port, "RcptTo_Timeout = 1\nRetry_Interval = 600") as m:
+        m.send("alice@src.test", ["a@example.test"])
+        t = m.mainlog.wait_for("T")[0]
+    assert t[9] == "4"  # during RCPT TO
+    assert t[-1] == "451 4.4.2 [internal] no RCPT TO response"
+
+
+def test_ehlo_refused_falls_back_to_helo(tmp_path, dns_server):
+    """A peer that only speaks RFC 821: EHLO gets 502, HELO works."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.2", 0))
+    srv.listen(5)
+    port = srv.getsockname()[1]
+    seen = []
+
+    def serve():
+        c, _ = srv.accept()
+        f = c.makefile("rwb")
+        f.write(b"220 old.test SMTP\r\n"); f.flush()
+        in_data = False
+        for line in f:
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    f.write(b"250 ok\r\n"); f.flush()
+                continue
+            seen.append(line.strip().decode())
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                f.write(b"502 command not implemented\r\n")
+            elif verb == b"DATA":
+                in_data = True
+                f.write(b"354 go\r\n")
+            elif verb == b"QUIT":
+                f.write(b"221 bye\r\n"); f.flush()
+                break
+            else:
+                f.write(b"250 ok\r\n")
+            f.flush()
+        c.close()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with mta(tmp_path, dns_server, port, "Idle_Timeout = 1") as m:
+            m.send("alice@src.test", ["a@example.test"])
+            m.mainlog.wait_for("D")
+        assert seen[0].startswith("EHLO") and seen[1] == "HELO impetus.test"
+        assert seen[2] == "MAIL FROM:<alice@src.test>"  # no ESMTP parameters after HELO
+    finally:
+        srv.close()
