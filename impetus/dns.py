@@ -850,8 +850,8 @@ def _classify_errors(errors: Iterable) -> str:
         what = err[3] if len(err) > 3 else None
         if isinstance(what, str):
             saw_rcode = True
-        elif isinstance(what, dns.exception.Timeout):
-            pass
+        elif isinstance(what, (dns.exception.Timeout, OSError, EOFError)):
+            pass   # no (usable) answer at all: unreachable counts as a timeout
         elif what is not None:
             saw_bad = True
     if saw_rcode:
