@@ -177,6 +177,14 @@ class _Parser:
                 self.skip_block()
             elif t.kind in "([":
                 self.skip_value_rest(t.kind)
+            elif t.kind == STRING and self.peek().kind == "=":
+                # '"Name" = value': skip the whole assignment
+                self.next()
+                if self.peek().kind not in (EOF, "{", "}"):
+                    self.value(t)
+            elif t.kind == STRING and self.peek().kind == "{":
+                self.next()
+                self.skip_block()
             return
         name = self.next()
         t1 = self.peek()

@@ -144,7 +144,7 @@ class Mode(ValueType):
         t = text.strip()
         if _OCTAL.match(t):
             v = int(t, 8)
-        elif _INT.match(t) and not t.startswith(("-", "+")):
+        elif _INT.match(t) and not t.startswith(("-", "+", "0")):
             v = int(t, 10)
         else:
             raise BadValue()
