@@ -89,6 +89,7 @@ class Listener:
         self.hostname = hostname
         self.connids = IdGenerator(shard=98)
         self.server = None
+        self.connections: set = set()
         self.committing = 0
         self.policy = RelayPolicy(lc.lookup("Relay_Hosts"), config.lookup("Relay_Domains"),
                                   logs.rejectlog, self.connids)
@@ -99,7 +100,7 @@ class Listener:
     async def start(self) -> None:
         self.server = await smtp_serve.start_server(
             self.lc.host, self.lc.port, self.settings, self._policy_for, self._on_message,
-            idle_timeout=300)
+            idle_timeout=300, connections=self.connections)
 
     def _policy_for(self, *args):
         return self.policy
@@ -136,9 +137,13 @@ class Listener:
     async def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+        # Idle sessions get 421 now; one in the middle of a commit gets its
+        # reply first (serve.SMTPServerProtocol.shutdown).
+        for proto in list(self.connections):
+            proto.shutdown()
 
     async def drain(self, grace: float) -> None:
         """Wait (bounded) for sessions that are committing a message."""
         deadline = time.monotonic() + grace
-        while self.committing and time.monotonic() < deadline:
+        while (self.committing or self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
