@@ -48,8 +48,7 @@ class RelayPolicy(Policy):
         self.rejectlog = rejectlog
 
     def check_connect(self, session):
-        if not session.conn_id:
-            session.conn_id = self.connids.next()
+        session.conn_id = self.connids.next()  # Momentum-shaped id for R lines and rejectlog
         return None
 
     def can_relay(self, session) -> bool:

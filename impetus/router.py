@@ -99,6 +99,15 @@ def plan(binding: str, domain: str, config) -> RoutePlan:
     port = config.lookup("Remote_SMTP_Port", domain=domain, binding=binding)
     want_v6 = bool(config.lookup("Use_IPv6"))
     prefer_v6 = bool(config.lookup("Prefer_IPv6_MXs"))
+    gateway = config.explain("Gateway", domain=domain, binding=binding)
+    if gateway.value is not None:
+        # Spec §3.2: a gateway replaces MX routing; a name is resolved MX
+        # first, then A/AAAA; an IP literal is used as is (D8 for the port).
+        host, gw_port = gateway.value
+        kind = "literal" if _is_ip(host) else "domain"
+        target = Target(host, kind, gw_port or port, source="gateway")
+        where = f"Gateway {gateway.scope} ({gateway.file}:{gateway.line})"
+        return RoutePlan(binding, domain, (target,), want_v6, prefer_v6, scope=where)
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1]
         if literal.lower().startswith("ipv6:"):
@@ -151,7 +160,7 @@ def decide(plan_: RoutePlan, answers: dict) -> RouteDecision:
     transient: list[str] = []
     for t in plan_.targets:
         if t.kind == "literal":
-            candidates.append((t.pref, t.name, "literal", t.port, t.proto))
+            candidates.append((t.pref, t.name, t.source, t.port, t.proto))
             continue
         if t.kind == "host":
             candidates.append((t.pref, t.name, t.source, t.port, t.proto))
@@ -162,12 +171,14 @@ def decide(plan_: RoutePlan, answers: dict) -> RouteDecision:
             if getattr(mx, "null_mx", False):
                 decision.failure = NULL_MX
                 return decision
+            src = "gateway/mx" if t.source == "gateway" else "mx"
             for pref, exchange in sorted(mx.records):
-                candidates.append((t.pref * 65536 + pref, exchange, "mx", t.port, t.proto))
+                candidates.append((t.pref * 65536 + pref, exchange, src, t.port, t.proto))
         elif mx.status == "NODATA":
             ttls.append(mx.ttl)
             decision.notes.append(f"{t.name}: no MX records, using its A/AAAA (implicit MX)")
-            candidates.append((t.pref * 65536, t.name, "implicit-mx", t.port, t.proto))
+            src = "gateway" if t.source == "gateway" else "implicit-mx"
+            candidates.append((t.pref * 65536, t.name, src, t.port, t.proto))
         elif mx.status == "NXDOMAIN":
             decision.failure = LOOKUP_FAILED
             decision.notes.append(f"{t.name}: NXDOMAIN")
@@ -200,8 +211,8 @@ def decide(plan_: RoutePlan, answers: dict) -> RouteDecision:
             src = source
         for ip in hop_ips:
             s = src
-            if src == "mx":
-                s = "mx/aaaa" if ":" in ip else "mx/a"
+            if src in ("mx", "gateway/mx", "gateway", "implicit-mx"):
+                s = f"{src}/{'aaaa' if ':' in ip else 'a'}"
             levels.setdefault(pref, []).append(NextHop(host, ip, port, pref, proto, s))
     decision.levels = [levels[p] for p in sorted(levels)]
     if ttls:

@@ -44,7 +44,7 @@ def test_implicit_mx_on_nodata():
     d = router.decide(plan("amx.test"), {("MX", "amx.test"): Ans("NODATA", ttl=60),
                                          ("ADDR", "amx.test"): addrs("127.0.0.4")})
     assert [h.ip for h in d.hops] == ["127.0.0.4"]
-    assert d.hops[0].source == "implicit-mx"
+    assert d.hops[0].source == "implicit-mx/a"
 
 
 def test_null_mx_is_permanent_550():

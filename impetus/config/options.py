@@ -104,8 +104,8 @@ opt("Match_Cache_Size", V.INT, 16384, G, "Cache size for regex Domain/Host match
 opt("Match_Cache_Life", V.DURATION, 0, G, "Lifetime of regex match cache entries.", supported=False)
 
 # §3 routing
-opt("Gateway", V.STR, None, OUT,
-    "Static smarthost: host, host:port, a.b.c.d:port or [v6]:port (D8).", supported=False)
+opt("Gateway", V.HOSTPORT, None, OUT,
+    "Static smarthost: host, host:port, a.b.c.d:port or [v6]:port (D8).", supported=True)
 opt("Routes", V.ARRAY, None, DG,
     "Routing table: hosts, __mx__, smtp://host?pref=&ttl=&port=&type= (§3.3).", supported=False)
 opt("Delivery_Method", V.Enum("esmtp", "smtp", "lmtp", "ecstream", "apn", "gcm", "mm7"),

@@ -323,7 +323,60 @@ def _q(text: str) -> str:
 
 
 # Shared instances used by the option table.
+class HostPort(ValueType):
+    """A next hop (D8): ``host``, ``host:port``, ``a.b.c.d[:port]`` or
+    ``[v6]`` / ``[v6]:port``. A bare IPv6 address is refused: it is
+    ambiguous with a port. Converts to ``(host, port or None)``; IPv6 hosts
+    are returned without brackets."""
+
+    name = "host[:port]"
+    expected = "a host name or address with an optional port (host, host:port, [v6]:port)"
+
+    def convert_scalar(self, text: str, node: Value):
+        t = text.strip()
+        if not t:
+            raise BadValue(detail="empty")
+        port = None
+        if t.startswith("["):
+            end = t.find("]")
+            if end < 0:
+                raise BadValue(detail="missing ']' after the IPv6 address")
+            host, rest = t[1:end], t[end + 1:]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise BadValue(detail=f"{host!r} is not an IPv6 address") from None
+            if rest:
+                if not rest.startswith(":"):
+                    raise BadValue(detail="expected ':port' after ']'")
+                port = rest[1:]
+        elif t.count(":") > 1:
+            raise BadValue(detail=f"an IPv6 address must be bracketed, e.g. \"[{t}]\" or "
+                                  f"\"[{t}]:25\"")
+        else:
+            host, _, port = t.partition(":")
+            port = port if ":" in t else None
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                if not looks_like_hostname(host):
+                    raise BadValue(detail=f"{host!r} is not a host name or IPv4 address") from None
+        if port is not None:
+            if not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise BadValue(detail=f"port {port!r} is not 1-65535")
+            port = int(port)
+        return (host.lower().rstrip("."), port)
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        host, port = value
+        h = f"[{host}]" if ":" in host else host
+        return f"{h}:{port}" if port else h
+
+
 STR = Str()
+HOSTPORT = HostPort()
 PATH = Path()
 BOOL = Bool()
 INT = Int()
