@@ -53,13 +53,13 @@ def test_documented_defaults_and_scopes(name, default, scopes):
 
 def test_flipping_supported_is_enough_to_enable_an_option(monkeypatch):
     import dataclasses
-    gw = OPTIONS["gateway"]
-    monkeypatch.setitem(OPTIONS, "gateway", dataclasses.replace(gw, supported=True))
-    c = load_config_string('Binding "b" { Gateway = "10.0.0.1:2525" }', "t.conf")
-    assert c.lookup("Gateway", binding="b") == "10.0.0.1:2525"
-    monkeypatch.setitem(OPTIONS, "gateway", gw)
+    spec = OPTIONS["ecstream_port"]
+    monkeypatch.setitem(OPTIONS, "ecstream_port", dataclasses.replace(spec, supported=True))
+    c = load_config_string('Binding "b" { ECStream_Port = 1826 }', "t.conf")
+    assert c.lookup("ECStream_Port", binding="b") == 1826
+    monkeypatch.setitem(OPTIONS, "ecstream_port", spec)
     with pytest.raises(ConfigError):
-        load_config_string('Gateway = "10.0.0.1"', "t.conf")
+        load_config_string('ECStream_Port = 1826', "t.conf")
 
 
 def test_option_rows():
@@ -73,7 +73,7 @@ def test_option_rows():
     assert by_name["Mainlog_Mode"].default == "0644"
     assert by_name["Use_IPv6"].default == "false"
     assert by_name["Hostname"].default == "-"
-    assert not by_name["Gateway"].supported
+    assert not by_name["ECStream_Port"].supported
     assert all(r.supported for r in option_rows(include_unsupported=False))
     assert [r.name.lower() for r in rows] == sorted(r.name.lower() for r in rows)
 
@@ -86,7 +86,7 @@ def test_render_options_table():
     line = next(ln for ln in lines if ln.startswith("Retry_Interval "))
     assert "1200" in line and "global, binding_group, binding, domain" in line
     assert line.endswith("supported")
-    assert next(ln for ln in lines if ln.startswith("Gateway ")).endswith("not yet")
+    assert next(ln for ln in lines if ln.startswith("ECStream_Port ")).endswith("not yet")
 
 
 def test_docs_options_md_is_up_to_date():

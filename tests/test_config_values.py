@@ -258,7 +258,7 @@ def test_domain_option_valid_in_nested_domain():
 
 
 def test_unsupported_option():
-    assert errors('Gateway = "10.0.0.1"') == ["t.conf:1:1: option 'Gateway' is not supported yet"]
+    assert errors('ECStream_Port = 1826') == ["t.conf:1:1: option 'ECStream_Port' is not supported yet"]
     assert errors('Domain "d.com" { Routes = ( "__mx__" ) }') == [
         "t.conf:1:18: option 'Routes' is not supported yet"]
 
@@ -278,7 +278,7 @@ def test_unknown_option_suggests_close_match():
     "Rset_Timeout", "Idle_Timeout", "Use_IPv6", "Prefer_IPv6_MXs", "Host_Failure_Retry",
     "Min_DNS_TTL", "Max_DNS_TTL", "Enable", "Mainlog", "Rejectlog", "Paniclog", "Acctlog",
     "Heartbeat", "Mainlog_Mode", "Bouncelog", "Bouncelog_Mode", "Log_Transient_Failures",
-    "Log_Inband_Bounces", "Log_Outofband_Bounces", "Log_Receptions",
+    "Log_Inband_Bounces", "Log_Outofband_Bounces", "Log_Receptions", "Gateway",
 ])
 def test_supported_options(name):
     from impetus.config import get_option
@@ -286,7 +286,7 @@ def test_supported_options(name):
     assert spec is not None and spec.supported
 
 
-@pytest.mark.parametrize("name", ["Gateway", "Routes", "Delivery_Method", "LMTP_Port", "TLS",
+@pytest.mark.parametrize("name", ["Routes", "Delivery_Method", "LMTP_Port", "TLS",
                                   "Bind_Address", "EHLO_Hostname", "Outbound_Throttle_Messages",
                                   "XCLIENT", "Prohibited_Hosts", "Suspend_Delivery"])
 def test_not_yet_supported_options_are_in_the_table(name):
@@ -301,3 +301,24 @@ def test_max_outbound_connections_scopes():
         '  Binding "b" { Domain "d.com" { Max_Outbound_Connections = 2 } } }', "t.conf")
     assert c.lookup("Max_Outbound_Connections", binding="b", domain="d.com") == 2
     assert c.lookup("Max_Outbound_Connections", binding="b", domain="x.com") == 5
+
+
+@pytest.mark.parametrize("value, message", [
+    ("fe80::1", "an IPv6 address must be bracketed"),
+    ('"[fe80::1"', "missing ']'"),
+    ('"host:0"', "port '0' is not 1-65535"),
+    ('"host:70000"', "port '70000' is not 1-65535"),
+    ('"bad_host!"', "is not a host name or IPv4 address"),
+])
+def test_gateway_bad_values(value, message):
+    [err] = errors(f"Gateway = {value}")
+    assert err.startswith("t.conf:1:11: option 'Gateway' expects") and message in err
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("10.0.0.1", ("10.0.0.1", None)), ("my.smart.host", ("my.smart.host", None)),
+    ('"[fe80::a00]:1"', ("fe80::a00", 1)), ('"10.0.0.1:2526"', ("10.0.0.1", 2526)),
+    ('"Smart.Host:26"', ("smart.host", 26)), ('"[::1]"', ("::1", None)),
+])
+def test_gateway_forms(value, expected):
+    assert load_config_string(f"Gateway = {value}", "t.conf").lookup("Gateway") == expected
