@@ -15,20 +15,18 @@ import signal
 import socket
 import sys
 
-from .dns import Resolver, parse_resolv_conf
+from .dns import ResolvConfError, Resolver
 from .listener import Listener
 from .logs import Logs
 from .scheduler import Scheduler
-from .spool import Spool
+from .spool import Spool, SpoolError
 
 log = logging.getLogger("impetus")
 
 
 def make_resolver(config) -> Resolver:
-    path = config.lookup("Resolv_Conf") or "/etc/resolv.conf"
-    settings = parse_resolv_conf(path)
-    return Resolver(settings, min_ttl=config.lookup("Min_DNS_TTL"),
-                    max_ttl=config.lookup("Max_DNS_TTL"))
+    """``Resolv_Conf`` (or /etc/resolv.conf), clamped by Min/Max_DNS_TTL."""
+    return Resolver.from_config(config)
 
 
 def make_logs(config) -> Logs:
@@ -98,6 +96,6 @@ def serve(config, config_path: str) -> int:
     install_loop()
     try:
         return asyncio.run(Server(config, config_path).run())
-    except OSError as exc:
+    except (OSError, ResolvConfError, SpoolError) as exc:
         print(f"impetus: cannot start: {exc}", file=sys.stderr)
         return 1
