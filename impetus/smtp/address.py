@@ -28,6 +28,7 @@ may have leading, trailing or doubled dots; labels may contain ``_``.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 __all__ = [
     "Address",
@@ -88,6 +89,10 @@ _ATEXT = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 ) | _ATEXT_SPECIALS
 _LDH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+# Fast path for the common plain-ASCII case; anything else takes the slow,
+# exact path (which also produces the error messages).
+_FAST_RE = re.compile(r"([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.]{1,512})@([A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,253}[A-Za-z0-9_])?)")
 
 MAX_DOMAIN = 255
 MAX_LOCAL = 512  # RFC says 64; real-world VERP addresses are longer.
@@ -213,6 +218,14 @@ def parse_address(
         raise AddressError("empty address")
     if len(text) > MAX_LOCAL + MAX_DOMAIN + 2:
         raise AddressError("address too long")
+    m = _FAST_RE.fullmatch(text)
+    if m is not None:
+        local, dom = m.group(1), m.group(2)
+        if ".." not in dom and all(
+            len(lb) <= 63 and lb[0] != "-" and lb[-1] != "-" for lb in dom.split(".")
+        ):
+            dom = dom.lower()
+            return Address(f"{local}@{dom}", local, dom)
     local, rest = _parse_local(text, smtputf8)
     if len(local) > MAX_LOCAL:
         raise AddressError("local part too long")
@@ -283,6 +296,13 @@ def split_argument(arg: str) -> tuple[str, str]:
         if sp < 0:
             return arg, ""
         return arg[:sp], arg[sp + 1:]
+    if '"' not in arg:
+        i = arg.find(">")
+        if i < 0:
+            raise AddressError("unterminated '<' in path")
+        if i + 1 < len(arg) and arg[i + 1] != " ":
+            raise AddressError("junk after '>'")
+        return arg[: i + 1], arg[i + 2:]
     i = 1
     n = len(arg)
     quoted = False

@@ -82,6 +82,16 @@ class Reply:
             return self._bytes
         code = str(self.code)
         enh = self.enhanced if include_enhanced else None
+        text = self.text
+        if "\n" not in text and "\r" not in text:  # fast path: one line
+            if enh:
+                line = f"{code} {enh} {text}\r\n" if text else f"{code} {enh}\r\n"
+            else:
+                line = f"{code} {text}\r\n" if text else f"{code}\r\n"
+            data = line.encode("utf-8", "replace")
+            if include_enhanced:
+                object.__setattr__(self, "_bytes", data)
+            return data
         lines = self.lines
         out = []
         last = len(lines) - 1

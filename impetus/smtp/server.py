@@ -273,52 +273,33 @@ class ServerConnection:
         self.session.protocol = "lmtp" if s.lmtp else "esmtp"
         pol = policy if policy is not None else _DEFAULT_POLICY
         self.policy = pol
-        self._p_connect = getattr(pol, "check_connect", None) or _DEFAULT_POLICY.check_connect
-        self._p_helo = getattr(pol, "check_helo", None) or _DEFAULT_POLICY.check_helo
-        self._p_mail = getattr(pol, "check_mail", None) or _DEFAULT_POLICY.check_mail
-        self._p_rcpt = getattr(pol, "check_rcpt", None) or _DEFAULT_POLICY.check_rcpt
-        self._p_reject = getattr(pol, "on_reject", None) or _DEFAULT_POLICY.on_reject
-
-        exts = list(DEFAULT_EXTENSIONS if s.extensions is None else s.extensions)
-        keys = {e.split(" ", 1)[0].upper() for e in exts}
-        self._enh = "ENHANCEDSTATUSCODES" in keys
-        self._smtputf8_ok = "SMTPUTF8" in keys
-        self._dsn = "DSN" in keys
-        self._auth = "AUTH" in keys
-        lines = [s.hostname]
-        for e in exts:
-            if e.upper() == "SIZE":
-                lines.append(f"SIZE {s.max_message_size}" if s.max_message_size > 0 else "SIZE")
-            else:
-                lines.append(e)
-        self._ehlo_reply = Reply(250, None, "\n".join(lines)).to_bytes()
-        self._helo_reply = Reply(250, None, s.hostname).to_bytes()
-        self._banner = Reply(220, None, s.banner or f"{s.hostname} {'LMTP' if s.lmtp else 'ESMTP'} Impetus")
-        self._too_many_errors = Reply(421, "4.7.0", f"{s.hostname} too many errors")
-        self._too_many_msgs = Reply(421, "4.7.0", f"{s.hostname} too many messages in this connection")
-        self._timeout = Reply(421, "4.4.2", f"{s.hostname} Error: timeout exceeded")
-        verbs = "LHLO" if s.lmtp else "EHLO HELO"
-        self._help = Reply(214, "2.0.0", f"Commands: {verbs} MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+        if pol is _DEFAULT_POLICY:
+            d = _DEFAULT_POLICY
+            self._p_connect, self._p_helo, self._p_mail, self._p_rcpt, self._p_reject = (
+                d.check_connect, d.check_helo, d.check_mail, d.check_rcpt, d.on_reject)
+        else:
+            d = _DEFAULT_POLICY
+            self._p_connect = getattr(pol, "check_connect", None) or d.check_connect
+            self._p_helo = getattr(pol, "check_helo", None) or d.check_helo
+            self._p_mail = getattr(pol, "check_mail", None) or d.check_mail
+            self._p_rcpt = getattr(pol, "check_rcpt", None) or d.check_rcpt
+            self._p_reject = getattr(pol, "on_reject", None) or d.on_reject
+        t = _template(s)
+        self._enh = t.enh
+        self._smtputf8_ok = t.smtputf8_ok
+        self._dsn = t.dsn
+        self._auth = t.auth
+        self._ehlo_reply = t.ehlo_reply
+        self._helo_reply = t.helo_reply
+        self._banner = t.banner
+        self._too_many_errors = t.too_many_errors
+        self._too_many_msgs = t.too_many_msgs
+        self._timeout = t.timeout
+        self._help = t.help
         self._lmtp = s.lmtp
         self._need_helo = s.require_helo or s.lmtp
         self._maxline = max(1, s.max_line_length)
         self._maxsize = max(0, s.max_message_size)
-
-        self._handlers = {
-            "EHLO": self._cmd_ehlo,
-            "HELO": self._cmd_helo,
-            "LHLO": self._cmd_lhlo,
-            "MAIL": self._cmd_mail,
-            "RCPT": self._cmd_rcpt,
-            "DATA": self._cmd_data,
-            "RSET": self._cmd_rset,
-            "NOOP": self._cmd_noop,
-            "QUIT": self._cmd_quit,
-            "VRFY": self._cmd_vrfy,
-            "HELP": self._cmd_help,
-        }
-        for v in ("EXPN", "ETRN", "TURN", "AUTH", "STARTTLS", "BDAT", "XCLIENT", "XFORWARD", "ATRN"):
-            self._handlers[v] = self._cmd_not_impl
 
         self._buf = bytearray()
         self._out: list[bytes] = []
@@ -480,7 +461,7 @@ class ServerConnection:
     def _loop(self) -> None:
         buf = self._buf
         maxline = self._maxline
-        handlers = self._handlers
+        handlers = _HANDLERS
         while True:
             st = self._state
             if st == _DATA:
@@ -531,7 +512,7 @@ class ServerConnection:
             if h is None:
                 self._error(R_UNKNOWN)
             else:
-                h(arg.strip())
+                h(self, arg.strip())
 
     # -- DATA phase -----------------------------------------------------
     def _data(self) -> bool:
@@ -819,3 +800,63 @@ class ServerConnection:
 
     def _cmd_not_impl(self, arg: str) -> None:
         self._error(R_NOT_IMPL)
+
+
+_HANDLERS = {
+    "EHLO": ServerConnection._cmd_ehlo,
+    "HELO": ServerConnection._cmd_helo,
+    "LHLO": ServerConnection._cmd_lhlo,
+    "MAIL": ServerConnection._cmd_mail,
+    "RCPT": ServerConnection._cmd_rcpt,
+    "DATA": ServerConnection._cmd_data,
+    "RSET": ServerConnection._cmd_rset,
+    "NOOP": ServerConnection._cmd_noop,
+    "QUIT": ServerConnection._cmd_quit,
+    "VRFY": ServerConnection._cmd_vrfy,
+    "HELP": ServerConnection._cmd_help,
+}
+for _v in ("EXPN", "ETRN", "TURN", "AUTH", "STARTTLS", "BDAT", "XCLIENT", "XFORWARD", "ATRN"):
+    _HANDLERS[_v] = ServerConnection._cmd_not_impl
+del _v
+
+
+class _Template:
+    """What a ServerConnection derives from its settings, computed once per
+    distinct settings (connections are cheap to create)."""
+
+    def __init__(self, s: ServerSettings) -> None:
+        exts = list(DEFAULT_EXTENSIONS if s.extensions is None else s.extensions)
+        keys = {e.split(" ", 1)[0].upper() for e in exts}
+        self.enh = "ENHANCEDSTATUSCODES" in keys
+        self.smtputf8_ok = "SMTPUTF8" in keys
+        self.dsn = "DSN" in keys
+        self.auth = "AUTH" in keys
+        lines = [s.hostname]
+        for e in exts:
+            if e.upper() == "SIZE":
+                lines.append(f"SIZE {s.max_message_size}" if s.max_message_size > 0 else "SIZE")
+            else:
+                lines.append(e)
+        self.ehlo_reply = Reply(250, None, "\n".join(lines)).to_bytes()
+        self.helo_reply = Reply(250, None, s.hostname).to_bytes()
+        self.banner = Reply(220, None, s.banner or f"{s.hostname} {'LMTP' if s.lmtp else 'ESMTP'} Impetus")
+        self.too_many_errors = Reply(421, "4.7.0", f"{s.hostname} too many errors")
+        self.too_many_msgs = Reply(421, "4.7.0", f"{s.hostname} too many messages in this connection")
+        self.timeout = Reply(421, "4.4.2", f"{s.hostname} Error: timeout exceeded")
+        verbs = "LHLO" if s.lmtp else "EHLO HELO"
+        self.help = Reply(214, "2.0.0", f"Commands: {verbs} MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+
+
+_templates: dict = {}
+
+
+def _template(s: ServerSettings) -> _Template:
+    ext = s.extensions
+    key = (s.hostname, s.lmtp, s.max_message_size, s.banner,
+           None if ext is None else tuple(ext))
+    t = _templates.get(key)
+    if t is None:
+        if len(_templates) > 256:
+            _templates.clear()
+        t = _templates[key] = _Template(s)
+    return t
