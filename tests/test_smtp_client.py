@@ -66,6 +66,13 @@ def test_limits():
     with pytest.raises(ProtocolError):
         ReplyParser().feed(b"250 " + b"x" * 5000 + b"\r\n")
     assert ReplyParser().feed(b"250 " + b"x" * 4000 + b"\r\n")[0].code == 250
+    # exactly 4096 bytes, fed byte by byte with the CR and LF arriving separately
+    p = ReplyParser()
+    line = b"250 " + b"y" * 4092 + b"\r\n"
+    got = []
+    for i in range(len(line)):
+        got += p.feed(line[i:i + 1])
+    assert len(got) == 1 and len(got[0].text) == 4092
     with pytest.raises(ProtocolError):
         ReplyParser().feed(b"250-x\r\n" * 201)
     assert len(ReplyParser().feed(b"250-x\r\n" * 199 + b"250 y\r\n")[0].lines) == 200

@@ -154,7 +154,7 @@ class ReplyParser:
         while start < n:
             i = buf.find(b"\n", start)
             if i < 0:
-                if n - start > self.max_line:
+                if n - start > self.max_line + 1:  # + a CR waiting for its LF
                     self._fail("reply line too long")
                 break
             end = i - 1 if (i > start and buf[i - 1] == 13) else i
