@@ -137,7 +137,12 @@ async def _serve(args, reply: Reply | None) -> int:
     loop = asyncio.get_running_loop()
     host, port = parse_listen(args.listen)
     hostname = args.hostname or socket.gethostname() or "localhost"
-    sink = Sink(maildir=args.maildir, count_file=args.count_file, reply=reply, hostname=hostname)
+    try:
+        sink = Sink(maildir=args.maildir, count_file=args.count_file, reply=reply, hostname=hostname)
+        sink.write_count()
+    except OSError as exc:
+        print(f"impetus sink: {exc}", file=sys.stderr)
+        return 1
     sink._loop = loop
     settings = ServerSettings(hostname=hostname, lmtp=args.lmtp, max_message_size=max(0, args.max_size))
     stop = asyncio.Event()
@@ -147,10 +152,13 @@ async def _serve(args, reply: Reply | None) -> int:
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
     connections: set = set()
-    server = await start_server(host, port, settings, None, sink.on_message,
-                                idle_timeout=args.idle_timeout, backlog=4096,
-                                connections=connections)
-    sink.write_count()
+    try:
+        server = await start_server(host, port, settings, None, sink.on_message,
+                                    idle_timeout=args.idle_timeout, backlog=4096,
+                                    connections=connections)
+    except OSError as exc:
+        print(f"impetus sink: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 1
     bound = server.sockets[0].getsockname()
     print(f"impetus sink listening on {_fmt_hostport(bound[0], bound[1])} "
           f"({'lmtp' if args.lmtp else 'smtp'})", flush=True)
@@ -189,9 +197,6 @@ def run_sink(args) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(_serve(args, reply))
-    except OSError as exc:
-        print(f"impetus sink: cannot listen on {args.listen}: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # pragma: no cover - SIGINT before the handler is set
         return 0
 

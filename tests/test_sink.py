@@ -143,6 +143,10 @@ def test_sink_bad_arguments():
     r = subprocess.run([sys.executable, "-m", "impetus.sink", "--reply", "hello"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "--reply" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "impetus.sink", "--listen", f"{HOST}:0",
+                        "--count-file", "/nonexistent-dir/count"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "nonexistent-dir" in r.stderr
 
 
 @pytest.mark.integration
