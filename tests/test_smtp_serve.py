@@ -232,3 +232,20 @@ async def test_swaks_pipeline(lmtp):
     assert env.rcpt_to == ["r1@dst.example", "r2@dst.example"]
     assert b"\r\n.dot line\r\n" in env.body
     assert env.helo == "swaks.test"
+
+
+async def test_unix_socket_server(tmp_path):
+    from impetus.smtp.serve import start_unix_server
+
+    rec = Recorder()
+    path = str(tmp_path / "lmtp.sock")
+    server = await start_unix_server(path, ServerSettings(hostname="u.test", lmtp=True), None, rec)
+    async with server:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"LHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n")
+        async with asyncio.timeout(10):
+            data = await reader.read()
+        writer.close()
+    assert data.startswith(b"220 u.test LMTP Impetus\r\n")
+    assert data.endswith(b"250 2.0.0 Ok: queued as 1\r\n221 2.0.0 Bye\r\n")
+    assert rec.sessions[0].peer_ip == ""
