@@ -187,13 +187,13 @@ class SMTPServerProtocol(asyncio.Protocol):
         """Run on_message; returns the core's next events when it finished
         synchronously, else None (a task will carry on)."""
         self._processing = True
-        self._update_reading()
         try:
             result = self.on_message(envelope, self.session)
         except Exception:
             log.exception("on_message failed (session %s)", self.session.conn_id)
             result = INTERNAL_ERROR
         if inspect.isawaitable(result):
+            self._update_reading()   # pause until the reply is known
             self.task = self._loop.create_task(self._await_message(result))
             return None
         return self._done(result)
