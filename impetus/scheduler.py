@@ -41,7 +41,7 @@ SHUTDOWN = Reply(451, "4.3.2", "[internal] delivery interrupted by shutdown")
 
 class DomainQueue:
     __slots__ = ("binding", "domain", "active", "delayed", "conns", "starting", "idle",
-                 "decision", "decision_expires", "rr", "delivered", "failed")
+                 "decision", "decision_expires", "rr", "delivered", "failed", "dns_failures")
 
     def __init__(self, binding: str, domain: str):
         self.binding = binding
@@ -56,6 +56,7 @@ class DomainQueue:
         self.rr = 0
         self.delivered = 0
         self.failed = 0
+        self.dns_failures = 0  # consecutive transient DNS failures (MX_Failures_Fallback_To_A, DNS_Failures_To_Purge)
 
 
 def max_retries_auto(retry_interval: int, max_retry_interval: int, expiration: int) -> int:
@@ -232,8 +233,16 @@ class Scheduler:
         if q.decision is not None and now < q.decision_expires:
             return q.decision
         plan = router.plan(q.binding, q.domain, self.config)
-        answers = await router.gather(plan, self.resolver)
-        decision = router.decide(plan, answers)
+        answers = await router.gather(plan, self.resolver, q.dns_failures)
+        decision = router.decide(plan, answers, q.dns_failures)
+        if decision.failure is not None and decision.failure.enhanced == "4.4.3":
+            q.dns_failures += 1
+            purge = self._lookup("DNS_Failures_To_Purge", q)
+            if purge and q.dns_failures >= purge:
+                decision.notes.append(f"{q.dns_failures} failed DNS lookups (DNS_Failures_To_Purge)")
+                decision.failure = router.LOOKUP_FAILED
+        elif decision.failure is None:
+            q.dns_failures = 0
         q.decision = decision
         q.decision_expires = time.monotonic() + decision.ttl
         return decision
