@@ -121,9 +121,8 @@ class Listener:
             msgs = await self.spool.accept(sub)
         except SpoolError as exc:
             self.logs.paniclog.panic(f"reception from {session.peer_ip} failed: {exc}")
-            reply = NO_STORAGE if exc.disk_full else SPOOL_FAILED
-            self.policy.on_reject(session, reply, "data")
-            return reply
+            # The protocol core reports this refused message to on_reject (rejectlog).
+            return NO_STORAGE if exc.disk_full else SPOOL_FAILED
         finally:
             self.committing -= 1
         mainlog = self.logs.mainlog
