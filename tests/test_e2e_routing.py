@@ -151,3 +151,39 @@ def test_ipv6_delivery_only_when_use_ipv6(tmp_path, dns_server, smtp_sinks):
         p = m.mainlog.wait_for("P")[0]
     assert sink2.messages == []
     assert p[-1] == "554 5.4.4 [internal] Domain Lookup Failed"
+
+
+@pytest.mark.parametrize("fault", ["garbage", "timeout", "servfail"])
+def test_bad_dns_is_transient_never_a_crash(tmp_path, dns_server, smtp_sinks, fault):
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
+    getattr(dns_server, f"set_{fault}")("example.test")
+    body = f"Remote_SMTP_Port = {sink.port}\nRetry_Interval = 1\nHost_Failure_Retry = 0"
+    with run_mta(tmp_path, dns_server, body) as m:
+        m.send("a@src.test", ["x@example.test"])
+        t = m.mainlog.wait_for("T", timeout=20)[0]
+        assert t[-1].startswith("451 4.4.3 [internal] DNS lookup failed")
+        assert t[9] == "0" and t[6] == "0"  # not connected, no bytes sent
+        dns_server.clear_faults("example.test")
+        [msg] = sink.wait_for(1, timeout=20)  # recovers once DNS answers again
+        assert m.proc.poll() is None
+    assert msg["rcpt_tos"] == ["x@example.test"]
+
+
+def test_truncated_dns_answer_retries_over_tcp(tmp_path, dns_server, smtp_sinks):
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
+    dns_server.set_truncated("example.test")
+    with run_mta(tmp_path, dns_server, f"Remote_SMTP_Port = {sink.port}") as m:
+        m.send("a@src.test", ["x@example.test"])
+        [msg] = sink.wait_for(1)
+    assert msg["sockname"][0] == "127.0.0.2"
+    assert dns_server.query_count("example.test", proto="tcp") >= 1
+
+
+def test_dns_failures_to_purge_fails_permanently(tmp_path, dns_server, smtp_sinks):
+    dns_server.set_servfail("example.test")
+    body = ("Retry_Interval = 1\nDNS_Failures_To_Purge = 2\nGenerate_Bounces = false\n"
+            "Max_Retries = none")
+    with run_mta(tmp_path, dns_server, body) as m:
+        m.send("a@src.test", ["x@example.test"])
+        p = m.mainlog.wait_for("P", timeout=30)[0]
+    assert p[-1] == "554 5.4.4 [internal] Domain Lookup Failed"
