@@ -206,7 +206,7 @@ def test_defaults_and_types():
     assert c.lookup("Idle_Timeout") == 5
     # unsupported options can still be asked for: their default
     assert c.lookup("Gateway") is None
-    assert c.lookup("LMTP_Port") == 2003
+    assert c.lookup("ECStream_Port") == 1825
 
 
 def test_global_only_options_fall_through_for_any_binding_and_domain():

@@ -189,7 +189,22 @@ def test_host_stanzas_allowed_in_global_binding_and_group():
     assert c.root.child("host", "mx1.example.com") is not None
 
 
-def test_host_max_outbound_connections_not_supported_yet():
+def test_host_max_outbound_connections_is_supported():
+    c = cfg('Host "mx.example.com" { Max_Outbound_Connections = 5 }')
+    assert c.host_lookup("Max_Outbound_Connections", "mx.example.com") == 5
+
+
+def test_other_host_options_not_supported_yet():
+    assert errors('Host "mx.example.com" { Outbound_Throttle_Messages = "10/5" }') == [
+        "t.conf:1:25: option 'Outbound_Throttle_Messages' is not supported yet"]
+
+
+def test_option_supported_except_in_some_scopes(monkeypatch):
+    import dataclasses
+    from impetus.config.options import OPTIONS
+    spec = OPTIONS["max_outbound_connections"]
+    monkeypatch.setitem(OPTIONS, "max_outbound_connections",
+                        dataclasses.replace(spec, unsupported_scopes=frozenset({"host"})))
     assert errors('Host "mx.example.com" { Max_Outbound_Connections = 5 }') == [
         "t.conf:1:25: option 'Max_Outbound_Connections' is not supported yet in a host stanza"]
 

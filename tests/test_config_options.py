@@ -45,6 +45,14 @@ def test_every_option_is_consistent():
     ("Max_DNS_TTL", 4294967295, ("global",)),
     ("Bind_Address", "*", ("global", "binding_group", "binding")),
     ("Rollup_MX", False, ("host",)),
+    ("Delivery_Method", "esmtp", ("global", "binding_group", "binding", "domain")),
+    ("Fully_Resolve_Before_SMTP", True, ("global", "binding_group", "binding", "domain")),
+    ("MX_Failures_Fallback_To_A", 3, ("global", "domain")),
+    ("DNS_Failures_To_Purge", 10, ("global", "domain")),
+    ("MX_Failures_To_Delay", 50, ("global", "domain")),
+    ("Connect_Timeout_To_Delay", 900, ("global", "binding_group", "binding", "domain")),
+    ("Prohibited_Hosts", [], ("global",)),
+    ("Skip_Hosts", [], ("global",)),
 ])
 def test_documented_defaults_and_scopes(name, default, scopes):
     spec = get_option(name)
@@ -69,7 +77,7 @@ def test_option_rows():
     r = by_name["Retry_Interval"]
     assert (r.type, r.default, r.scopes, r.supported) == (
         "duration", "1200", "global, binding_group, binding, domain", True)
-    assert by_name["Max_Outbound_Connections"].scopes.endswith("host (not yet)")
+    assert by_name["Max_Outbound_Connections"].scopes.endswith("domain, host")
     assert by_name["Mainlog_Mode"].default == "0644"
     assert by_name["Use_IPv6"].default == "false"
     assert by_name["Hostname"].default == "-"

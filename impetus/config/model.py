@@ -32,9 +32,10 @@ from typing import Any, Iterator, NamedTuple
 
 from .errors import Issues, Pos
 from .lexer import quote
-from .options import (LISTENER_SCOPES, OPTIONS, OUTBOUND_SCOPES, STANZAS, OptionSpec)
+from .options import (HOST_DEFAULTS, LISTENER_SCOPES, OPTIONS, OUTBOUND_SCOPES, STANZAS,
+                      OptionSpec)
 from .parser import Assignment, Stanza, Statement, Value
-from .values import BadValue
+from .values import BadValue, BadValues
 
 #: Entries kept in each lookup cache before it is emptied.
 CACHE_LIMIT = 100_000
@@ -141,6 +142,27 @@ def normalize_domain(domain: str) -> str:
         except ValueError:
             return d
     return d
+
+
+def host_match_key(host: str) -> tuple[str, str]:
+    """(stanza key, regex subject) for a host name or address as seen in
+    an MX record or route: case-folded, no trailing dot; an IPv6 address
+    (bare or ``[IPv6:...]``) keys as ``[ipv6:<compressed>]`` and is matched
+    by regex Host stanzas in its bare compressed form."""
+    h = host.strip().lower()
+    if h.endswith(".") and len(h) > 1:
+        h = h[:-1]
+    if h.startswith("[") and h.endswith("]"):
+        key = normalize_domain(h)
+        inner = key[1:-1] if key.startswith("[") else key
+        return key, inner[5:] if inner.startswith("ipv6:") else inner
+    if ":" in h:
+        try:
+            a = ipaddress.IPv6Address(h)
+        except ValueError:
+            return h, h
+        return f"[ipv6:{a.compressed}]", a.compressed
+    return h, h
 
 
 def parse_domain_instance(text: str, what: str) -> tuple[str, re.Pattern | None]:
@@ -312,15 +334,22 @@ class _Builder:
         try:
             return spec.type.convert(node, base_dir)
         except BadValue as exc:
-            got = exc.got or node.describe()
-            detail = exc.detail
-            if detail is None and spec.type.shape == "array" and node.kind == "scalar":
-                detail = "write an array as ( ... )"
-            msg = f"option '{spec.name}' expects {spec.type.expected}, got {got}"
-            if detail:
-                msg += f" ({detail})"
-            self.err(exc.pos or node.pos, msg)
+            for problem in (exc.problems if isinstance(exc, BadValues) else (exc,)):
+                self.bad_value(spec, node, problem)
             return _BAD
+
+    def bad_value(self, spec: OptionSpec, node: Value, exc: BadValue) -> None:
+        if exc.message is not None:
+            self.err(exc.pos or node.pos, f"option '{spec.name}' {exc.message}")
+            return
+        got = exc.got or node.describe()
+        detail = exc.detail
+        if detail is None and spec.type.shape == "array" and node.kind == "scalar":
+            detail = "write an array as ( ... )"
+        msg = f"option '{spec.name}' expects {spec.type.expected}, got {got}"
+        if detail:
+            msg += f" ({detail})"
+        self.err(exc.pos or node.pos, msg)
 
     def stanza(self, st: Stanza, parent: Scope) -> None:
         lname = st.name.lower()
@@ -428,7 +457,14 @@ class _Builder:
         return self._make_domainish("domain", st, parent, name)
 
     def make_host(self, spec, st, parent, name):
-        return self._make_domainish("host", st, parent, name)
+        # A host may also be named by a bare IPv6 address (Host "2001:db8::25").
+        try:
+            addr = ipaddress.IPv6Address(name.strip())
+        except ValueError:
+            return self._make_domainish("host", st, parent, name)
+        key = f"[ipv6:{addr.compressed}]"
+        return self._get(parent, "host", key, name, self._join(parent, f'host {quote(name)}'),
+                         st.pos)
 
     def make_esmtp_listener(self, spec, st, parent, name):
         return self._get(parent, "esmtp_listener", None, None, "esmtp_listener", st.pos)
@@ -656,6 +692,8 @@ class Config:
         self._group_of = dict(group_of)
         self._values: dict[tuple, Resolved] = {}
         self._chains: dict[tuple, tuple[Scope, ...]] = {}
+        self._host_values: dict[tuple, tuple[Resolved | None, str | None]] = {}
+        self._host_chains: dict[tuple, tuple[Scope, ...]] = {}
         # bindings and groups
         bindings: dict[str, str] = {"default": self._group_of.get("default", "default")}
         for sc in root.iter_children("binding"):
@@ -759,6 +797,105 @@ class Config:
         domains(root)     # D
         out.append(root)  # global
         return tuple(out)
+
+    # -- host stanzas (D18, spec §2.3/§2.4) ----------------------------------------
+    def host_lookup(self, name: str, host: str, *, binding: str = "default") -> Any:
+        """Value of option ``name`` from the ``Host`` stanzas matching ``host``
+        (an MX host name or an IP address) for ``binding``, or None when no
+        Host stanza matches.
+
+        Only Host stanzas count, along
+        ``binding_group::binding::host > binding_group::host > binding::host > host``;
+        in each container the exact-name stanza comes before the matching
+        ``/regex/`` stanzas (file order), and the first stanza that sets the
+        option wins.  When stanzas match but none sets it, the value is the
+        host-scope default (``Max_Outbound_Connections``: -1, unlimited);
+        there is never a fallback to the domain/binding/global chain.
+        """
+        r = self.host_explain(name, host, binding=binding)
+        return None if r is None else r.value
+
+    def host_explain(self, name: str, host: str, *,
+                     binding: str = "default") -> Resolved | None:
+        """Like :meth:`host_lookup` but says where the value came from."""
+        return self._host_resolve(name, host, binding)[0]
+
+    def host_stanza_key(self, host: str, binding: str = "default", *,
+                        name: str | None = None) -> str | None:
+        """Stable identity (the scope label, e.g. ``'binding "b" / host "/^mx/"'``)
+        of the Host stanza that applies to ``host`` for ``binding``, or None
+        if no Host stanza matches.  Every host matched by one regex stanza
+        gets the same key (one shared bucket).  Without ``name`` it is the
+        most specific matching stanza; with ``name``, the stanza that sets
+        that option (the most specific matching one if none sets it)."""
+        if name is None:
+            chain = self._host_chain(host, binding)
+            return chain[0].label if chain else None
+        return self._host_resolve(name, host, binding)[1]
+
+    def host_chain(self, host: str, *, binding: str = "default") -> list[str]:
+        """Labels of the Host stanzas matching ``host``, most specific first."""
+        return [sc.label for sc in self._host_chain(host, binding)]
+
+    def _host_resolve(self, name: str, host: str,
+                      binding: str) -> tuple[Resolved | None, str | None]:
+        key = (name, host, binding)
+        hit = self._host_values.get(key)
+        if hit is not None:
+            return hit
+        spec = OPTIONS.get(name.lower()) if isinstance(name, str) else None
+        if spec is None:
+            raise KeyError(f"unknown option {name!r}")
+        if "host" not in spec.scopes:
+            raise KeyError(f"option {spec.name!r} is not valid in a host stanza "
+                           f"(valid scopes: {spec.scope_list()})")
+        chain = self._host_chain(host, binding)
+        if not chain:
+            hit = (None, None)
+        else:
+            for sc in chain:
+                s = sc.values.get(spec.lname)
+                if s is not None:
+                    hit = (Resolved(s.value, sc.label, s.pos.file, s.pos.line), sc.label)
+                    break
+            else:
+                first = chain[0]
+                v = HOST_DEFAULTS.get(spec.lname, spec.default)
+                if isinstance(v, (list, dict)):
+                    v = copy.copy(v)
+                hit = (Resolved(v, f"{first.label} (not set there: host default)",
+                                first.pos.file if first.pos else None,
+                                first.pos.line if first.pos else None), first.label)
+        if len(self._host_values) >= CACHE_LIMIT:
+            self._host_values.clear()
+        self._host_values[key] = hit
+        return hit
+
+    def _host_chain(self, host: str, binding: str) -> tuple[Scope, ...]:
+        ckey = (host, binding)
+        c = self._host_chains.get(ckey)
+        if c is not None:
+            return c
+        hkey, subject = host_match_key(host)
+        root = self.root
+        group = root.child("binding_group", self.group_of(binding))
+        gb = group.child("binding", binding) if group is not None else None
+        b = root.child("binding", binding)
+        out: list[Scope] = []
+        for container in (gb, group, b, root):
+            if container is None:
+                continue
+            exact = container.child("host", hkey)
+            if exact is not None:
+                out.append(exact)
+            for sc in container.regexes.get("host", ()):
+                if sc.regex.search(subject):
+                    out.append(sc)
+        c = tuple(out)
+        if len(self._host_chains) >= CACHE_LIMIT:
+            self._host_chains.clear()
+        self._host_chains[ckey] = c
+        return c
 
     def global_value(self, name: str) -> Any:
         """Value of a global option (global scope, else default)."""

@@ -70,6 +70,11 @@ def _sorted_scopes(scopes) -> tuple[str, ...]:
 
 _TABLE: list[OptionSpec] = []
 
+#: Value of a host-scope option when a Host stanza matches but does not set
+#: it (no fallback to the outbound chain, spec §2.3, D18).  Options not
+#: listed here take their ordinary default.
+HOST_DEFAULTS: dict[str, Any] = {"max_outbound_connections": -1}
+
 
 def opt(name: str, type: ValueType, default: Any, scopes, doc: str,
         supported: bool = False, unsupported_scopes=()) -> None:
@@ -106,24 +111,29 @@ opt("Match_Cache_Life", V.DURATION, 0, G, "Lifetime of regex match cache entries
 # §3 routing
 opt("Gateway", V.HOSTPORT, None, OUT,
     "Static smarthost: host, host:port, a.b.c.d:port or [v6]:port (D8).", supported=True)
-opt("Routes", V.ARRAY, None, DG,
-    "Routing table: hosts, __mx__, smtp://host?pref=&ttl=&port=&type= (§3.3).", supported=False)
-opt("Delivery_Method", V.Enum("esmtp", "smtp", "lmtp", "ecstream", "apn", "gcm", "mm7"),
-    "esmtp", OUT, "Delivery protocol.", supported=False)
+opt("Routes", V.ROUTES, None, DG,
+    "Routing table (§3.3, D4-D6): host names or IP literals ([v6] bracketed, optional :port), "
+    "\"__mx__\" (the domain's MX set), smtp://host[:port]?pref=P&ttl=T&port=O&type=mx|a, "
+    "lmtp://host?port=N (extension). Unranked items rank by list position after ranked ones.",
+    supported=True)
+opt("Delivery_Method", V.SomeEnum(("esmtp", "smtp", "lmtp"), ("ecstream", "apn", "gcm", "mm7")),
+    "esmtp", OUT, "Delivery protocol (ecstream, apn, gcm, mm7: not supported yet).",
+    supported=True)
 opt("Remote_SMTP_Port", V.PORT, 25, OUT, "Port for outbound SMTP.", supported=True)
-opt("LMTP_Port", V.PORT, 2003, OUT, "Port for LMTP deliveries.", supported=False)
+opt("LMTP_Port", V.PORT, 2003, OUT, "Port for LMTP deliveries.", supported=True)
 opt("ECStream_Port", V.PORT, 1825, OUT, "Port for ECStream deliveries.", supported=False)
 opt("Fully_Resolve_Before_SMTP", V.BOOL, True, OUT,
-    "Wait for all MX and A records before connecting.", supported=False)
+    "Wait for all MX and A records before connecting.", supported=True)
 opt("Only_Use_Best_MX_For_Relay_Domains", V.BOOL, False, G,
     "Relay domains use only the lowest MX preference (D15).", supported=False)
 opt("MX_Failures_Fallback_To_A", V.INT_M1, 3, DG,
-    "Failed MX lookups before falling back to A (-1: MX once, then A).", supported=False)
-opt("DNS_Failures_To_Purge", V.INT, 10, DG, "Failed DNS lookups before failing permanently.", supported=False)
+    "Failed MX lookups before falling back to A (-1: MX once, then A).", supported=True)
+opt("DNS_Failures_To_Purge", V.INT, 10, DG, "Failed DNS lookups before failing permanently.",
+    supported=True)
 opt("MX_Failures_To_Delay", V.INT, 50, DG,
-    "Consecutive failures of every MX before the domain is delayed (0 = off).", supported=False)
+    "Consecutive failures of every MX before the domain is delayed (0 = off).", supported=True)
 opt("Connect_Timeout_To_Delay", V.DURATION, 900, OUT,
-    "Time failing to reach a domain before its active queue is delayed.", supported=False)
+    "Time failing to reach a domain before its active queue is delayed.", supported=True)
 opt("Host_Failure_Retry", V.DURATION, 120, DG,
     "Do not retry an IP for this long after a connect or protocol failure.", supported=True)
 opt("Rollup_MX", V.BOOL, False, HOST, "Queue domains using this MX under Rollup_MX_Name.", supported=False)
@@ -151,8 +161,10 @@ opt("DNS_Rate_Limit_Max_Queue", V.INT, 100000, G, "Domains waiting for a rate-li
 
 # §4 prohibited / skipped destinations
 opt("Prohibited_Hosts", V.ADDRLIST, [], G,
-    "Destination addresses never delivered to; a hit fails the domain (D9).", supported=False)
-opt("Skip_Hosts", V.ADDRLIST, [], G, "Destination addresses skipped.", supported=False)
+    "Destination IPs/CIDRs never delivered to (IPv6 unbracketed); a hit fails the domain (D9).",
+    supported=True)
+opt("Skip_Hosts", V.ADDRLIST, [], G,
+    "Destination IPs/CIDRs skipped; none left = 451 4.4.1 No valid hosts (D9).", supported=True)
 
 # §5 bindings
 opt("Bind_Address", V.STR, "*", BGB, "Source IP address of a binding.", supported=False)
@@ -163,8 +175,9 @@ opt("Suspend_Delivery", V.BOOL, False, OUT, "No delivery attempts in this scope.
 
 # §6 throttling and connections
 opt("Max_Outbound_Connections", V.INT_M1, 32, OUTH,
-    "Concurrent connections per (binding, domain); per host/IP in a host stanza.",
-    supported=True, unsupported_scopes=("host",))
+    "Concurrent connections per (binding, domain); per host/IP in a host stanza "
+    "(no fallback there: a matching Host stanza without it means -1, unlimited; D18).",
+    supported=True)
 opt("Scope_Max_Outbound_Connections", V.INT, None, OUTH,
     "Connection cap shared by everything under the scope.", supported=False)
 opt("Server_Max_Outbound_Connections", V.INT, 20000, BGB,
@@ -556,6 +569,20 @@ def render_options_markdown() -> str:
         "  empty binding in the `default` group.",
         "* `ec_logger`/`bounce_logger`: log paths are unset when the module stanza is",
         "  absent; with the stanza present, unset paths take the defaults below.",
+        "* `Host \"<name>\"` stanzas (top level, in a binding or a binding group) match",
+        "  the MX host name (the domain itself when it has no MX) or an IP address",
+        "  (`Host \"192.0.2.1\"`, `Host \"2001:db8::1\"`); `/regex/` names work as for",
+        "  `Domain`. Host options are looked up only along `binding_group::binding::host >",
+        "  binding_group::host > binding::host > host` and never fall back to the",
+        "  domain/binding/global chain: a matching Host stanza that does not set",
+        "  `Max_Outbound_Connections` means `-1` (unlimited) (decision D18). A regex",
+        "  Host stanza is one shared bucket for every host it matches.",
+        "* `Routes` items: a host name or IP literal (IPv6 in brackets, optional",
+        "  `:port`), `\"__mx__\"`, `smtp://host[:port]?pref=P&ttl=T&port=O&type=mx|a` or",
+        "  `lmtp://host?port=N` (our extension, D6). Parameter names are exactly `pref`,",
+        "  `ttl`, `port`, `type`. Items without `pref` rank by list position after the",
+        "  ranked ones; `__mx__` keeps the MX order at its position (D5). Names without",
+        "  `type=` are looked up MX first, then A/AAAA; IP literals are used as is (D4).",
         "* Integers may be quoted. `*_Mode` options are octal with a leading 0.",
         "  Booleans: `true/false`, `on/off`, `enabled/disabled`, `1/0`, any case.",
         "",

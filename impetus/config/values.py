@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import Pos
@@ -32,14 +33,27 @@ class BadValue(Exception):
     ``got`` overrides what is shown after "got" (default: the value as
     written), ``detail`` is appended in parentheses, ``pos`` points at the
     offending array element when there is one.
+
+    ``message``, when given, replaces the whole "expects ..., got ..."
+    phrase: the error then reads ``option 'Name' <message>``.
     """
 
     def __init__(self, got: str | None = None, detail: str | None = None,
-                 pos: Pos | None = None):
-        super().__init__(detail or got or "bad value")
+                 pos: Pos | None = None, message: str | None = None):
+        super().__init__(message or detail or got or "bad value")
         self.got = got
         self.detail = detail
         self.pos = pos
+        self.message = message
+
+
+class BadValues(BadValue):
+    """Several independent problems in one value (e.g. several bad array
+    items); each is reported as its own issue."""
+
+    def __init__(self, problems: list[BadValue]):
+        super().__init__(message=problems[0].message, pos=problems[0].pos)
+        self.problems = problems
 
 
 class ValueType:
@@ -375,6 +389,239 @@ class HostPort(ValueType):
         return f"{h}:{port}" if port else h
 
 
+class SomeEnum(Enum):
+    """An enum where some documented values are not implemented yet: those
+    give "value X is not supported yet" instead of being accepted (D19)."""
+
+    def __init__(self, choices: tuple[str, ...], unsupported: tuple[str, ...]):
+        super().__init__(*choices)
+        self.unsupported = tuple(u.lower() for u in unsupported)
+
+    def convert_scalar(self, text: str, node: Value) -> str:
+        t = text.strip().lower()
+        if t in self.unsupported:
+            raise BadValue(message=f"value {_q(text)} is not supported yet "
+                                   f"(supported: {', '.join(self.choices)})")
+        return super().convert_scalar(text, node)
+
+
+# ---------------------------------------------------------------------------
+# Routes (spec §3.3, decisions D4-D6)
+
+ROUTE_KINDS = ("mx", "host", "smtp", "lmtp")
+ROUTE_PARAMS = ("pref", "ttl", "port", "type")
+ROUTE_TYPES = ("mx", "a")
+#: schemes of delivery methods we do not implement
+UNSUPPORTED_ROUTE_SCHEMES = ("apn", "gcm", "mm7", "http", "https", "ecstream")
+_ROUTE_INT_MAX = 4294967295
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteItem:
+    """One item of a ``Routes`` array.
+
+    ``kind``: ``"mx"`` (``__mx__``: the domain's own MX set), ``"host"`` (a
+    bare host name or IP literal), ``"smtp"`` or ``"lmtp"`` (a URI).
+    ``host``: lower-case name or address (IPv6 without brackets, compressed);
+    None for ``__mx__``.  ``port``: from ``:port`` or ``port=``, else None
+    (``Remote_SMTP_Port``/``LMTP_Port`` apply).  ``pref``, ``ttl``, ``type``:
+    only when given explicitly (``type`` is ``"mx"`` or ``"a"``).  ``text``:
+    the item as written; ``pos``: its 0-based index in the array.
+    """
+
+    kind: str
+    host: str | None
+    port: int | None = None
+    pref: int | None = None
+    ttl: int | None = None
+    type: str | None = None
+    text: str = ""
+    pos: int = 0
+
+    @property
+    def is_ip(self) -> bool:
+        """True when ``host`` is an IP literal (used as is, D4)."""
+        if self.host is None:
+            return False
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+class _RouteError(Exception):
+    pass
+
+
+def _route_int(name: str, value: str, lo: int, hi: int, phrase: str) -> int:
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
+        raise _RouteError(f"{name} must be {phrase}, got {_q(value)}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise _RouteError(f"{name} must be {phrase}, got {_q(value)}")
+    return v
+
+
+def _route_port(value: str) -> int:
+    return _route_int("port", value, 1, 65535, "an integer 1-65535")
+
+
+def _route_host(text: str, scheme: str | None) -> tuple[str, str | None]:
+    """``host``, ``host:port``, ``a.b.c.d[:port]``, ``[v6][:port]`` ->
+    (host, port text or None)."""
+    if not text:
+        raise _RouteError("the host is missing")
+    port: str | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise _RouteError("missing ']' after the IPv6 address")
+        inner, rest = text[1:end], text[end + 1:]
+        try:
+            host = ipaddress.IPv6Address(inner).compressed
+        except ValueError:
+            raise _RouteError(f"{_q(inner)} is not an IPv6 address") from None
+        if rest:
+            if not rest.startswith(":"):
+                raise _RouteError("expected ':port' after ']'")
+            port = rest[1:]
+        return host, port
+    if text.count(":") > 1:
+        prefix = f"{scheme}://" if scheme else ""
+        raise _RouteError(f"an IPv6 address must be bracketed, e.g. "
+                          f"\"{prefix}[{text}]\"")
+    host, sep, rest = text.partition(":")
+    if sep:
+        port = rest
+    if not host:
+        raise _RouteError("the host is missing")
+    try:
+        return str(ipaddress.IPv4Address(host)), port
+    except ValueError:
+        pass
+    h = host.lower().rstrip(".")
+    if h == "__mx__":
+        raise _RouteError('__mx__ takes no scheme, port or parameters; write "__mx__" alone')
+    if len(h) > 253 or not looks_like_hostname(h):
+        raise _RouteError(f"{_q(host)} is not a host name or IP address")
+    return h, port
+
+
+def parse_route(text: str, index: int) -> RouteItem:
+    """One ``Routes`` item; raises :class:`_RouteError` with the reason."""
+    t = text.strip()
+    if not t:
+        raise _RouteError("the route is empty")
+    if t.lower() == "__mx__":
+        return RouteItem("mx", None, text=text, pos=index)
+    scheme, sep, rest = t.partition("://")
+    if not sep:
+        head, colon, tail = t.partition(":")
+        if colon and tail.startswith("/") and _SCHEME.match(head):
+            raise _RouteError(f"expected '{head}://host'")
+        if "?" in t or "/" in t:
+            raise _RouteError("parameters need a scheme, e.g. \"smtp://host?pref=10\"")
+        host, port = _route_host(t, None)
+        return RouteItem("host", host, _route_port(port) if port is not None else None,
+                         text=text, pos=index)
+    s = scheme.lower()
+    if s in UNSUPPORTED_ROUTE_SCHEMES:
+        raise _RouteError(f"the {s}:// scheme is not supported yet "
+                          "(supported: smtp://, lmtp://, a host name or IP address, __mx__)")
+    if s not in ("smtp", "lmtp"):
+        raise _RouteError(f"unknown scheme {_q(scheme + '://')} (expected smtp://, lmtp://, "
+                          "a host name or IP address, or __mx__)")
+    if "#" in rest:
+        raise _RouteError("a '#fragment' is not allowed")
+    authority, qmark, query = rest.partition("?")
+    authority, slash, path = authority.partition("/")
+    if path:
+        raise _RouteError(f"a path ('/{path}') is not allowed in an {s}:// route")
+    if "@" in authority:
+        raise _RouteError("'user@' is not allowed in a route")
+    host, port_text = _route_host(authority, s)
+    port = _route_port(port_text) if port_text is not None else None
+    params: dict[str, str] = {}
+    if qmark:
+        for seg in query.split("&"):
+            if not seg:
+                raise _RouteError("empty parameter (a stray '?' or '&')")
+            name, eq, value = seg.partition("=")
+            if name not in ROUTE_PARAMS:
+                hint = ""
+                if name.lower() in ("preference", "priority", "prio"):
+                    hint = "; the preference parameter is spelled 'pref'"
+                elif name.lower() in ROUTE_PARAMS:
+                    hint = f"; parameter names are lower case ('{name.lower()}')"
+                raise _RouteError(f"unknown parameter {_q(name)} (expected pref, ttl, port "
+                                  f"or type){hint}")
+            if name in params:
+                raise _RouteError(f"parameter '{name}' is given twice")
+            if not eq:
+                raise _RouteError(f"parameter '{name}' needs a value ({name}=...)")
+            params[name] = value
+    pref = ttl = rtype = None
+    if "pref" in params:
+        pref = _route_int("pref", params["pref"], 0, _ROUTE_INT_MAX,
+                          "a non-negative integer")
+    if "ttl" in params:
+        ttl = _route_int("ttl", params["ttl"], 0, _ROUTE_INT_MAX,
+                         "a non-negative integer (seconds)")
+    if "port" in params:
+        p = _route_port(params["port"])
+        if port is not None and p != port:
+            raise _RouteError(f"two different ports (:{port} and port={p})")
+        port = p
+    if "type" in params:
+        rtype = params["type"].lower()
+        if rtype not in ROUTE_TYPES:
+            raise _RouteError(f"type must be mx or a, got {_q(params['type'])}")
+    return RouteItem(s, host, port, pref, ttl, rtype, text, index)
+
+
+class Routes(ValueType):
+    """``Routes``: an array of ``__mx__``, host names / IP literals and
+    ``smtp://`` / ``lmtp://`` URIs -> a tuple of :class:`RouteItem`."""
+
+    name = "routes"
+    expected = 'an array of routes, e.g. ( "smtp://host?pref=10" "__mx__" )'
+    shape = "array"
+
+    def convert(self, node: Value, base_dir: str) -> tuple[RouteItem, ...]:
+        if node.kind != "array":
+            raise BadValue()
+        if not node.items:
+            raise BadValue(message="needs at least one route, got an empty array ()")
+        out: list[RouteItem] = []
+        problems: list[BadValue] = []
+        mx_at: int | None = None
+        for i, item in enumerate(node.items):
+            where = f"item {i + 1} {_q(item.text)}"
+            try:
+                r = parse_route(item.text, i)
+            except _RouteError as exc:
+                problems.append(BadValue(message=f"{where}: {exc}", pos=item.pos))
+                continue
+            if r.kind == "mx":
+                if mx_at is not None:
+                    problems.append(BadValue(
+                        message=f"{where}: __mx__ is listed twice (also item {mx_at + 1})",
+                        pos=item.pos))
+                    continue
+                mx_at = i
+            out.append(r)
+        if problems:
+            raise BadValues(problems)
+        return tuple(out)
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        return "( " + " ".join(_q(r.text) for r in value) + " )"
+
+
 STR = Str()
 HOSTPORT = HostPort()
 PATH = Path()
@@ -392,4 +639,5 @@ HASH = Hash()
 ADDRLIST = AddrList()
 DOMAINLIST = DomainList()
 RATE = Rate()
+ROUTES = Routes()
 MAXRETRIES = MaxRetries()
