@@ -60,6 +60,7 @@ class RoutePlan:
     want_ipv6: bool
     prefer_ipv6: bool
     scope: str = "default (MX of the domain)"
+    routing_domain: str = ""      # the queue name (§2.6): the gateway for gateway routes
     prohibited: tuple = ()        # Prohibited_Hosts networks (D9)
     skip: tuple = ()              # Skip_Hosts networks (D9)
     mx_fallback_to_a: int = 3     # MX_Failures_Fallback_To_A
@@ -142,6 +143,11 @@ def _route_targets(items, default_port: int, lmtp_port: int, method: str) -> lis
     return out
 
 
+def routing_domain(binding: str, domain: str, config) -> str:
+    """The name a recipient domain's mail is queued under (spec §2.6)."""
+    return plan(binding, domain, config).routing_domain or domain
+
+
 def plan(binding: str, domain: str, config) -> RoutePlan:
     look = lambda name: config.lookup(name, domain=domain, binding=binding)  # noqa: E731
     method = look("Delivery_Method")
@@ -171,7 +177,11 @@ def plan(binding: str, domain: str, config) -> RoutePlan:
         kind = "literal" if _is_ip(host) else "domain"
         target = Target(host, kind, gw_port or port, proto=method, source="gateway")
         where = f"Gateway {gateway.scope} ({gateway.file}:{gateway.line})"
-        return RoutePlan(binding, domain, (target,), scope=where, **common)
+        # §2.6: mail for a domain with a gateway is queued under the gateway.
+        rd = host if ":" not in host else f"[{host}]"
+        if target.port != look("Remote_SMTP_Port") or method != "esmtp":
+            rd = f"{rd}:{target.port}" + ("" if method == "esmtp" else f"/{method}")
+        return RoutePlan(binding, domain, (target,), scope=where, routing_domain=rd, **common)
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1]
         if literal.lower().startswith("ipv6:"):

@@ -40,12 +40,13 @@ SHUTDOWN = Reply(451, "4.3.2", "[internal] delivery interrupted by shutdown")
 
 
 class DomainQueue:
-    __slots__ = ("binding", "domain", "active", "delayed", "conns", "starting", "idle",
+    __slots__ = ("binding", "domain", "plan_domain", "active", "delayed", "conns", "starting", "idle",
                  "decision", "decision_expires", "rr", "delivered", "failed", "dns_failures")
 
-    def __init__(self, binding: str, domain: str):
+    def __init__(self, binding: str, domain: str, plan_domain: str | None = None):
         self.binding = binding
-        self.domain = domain
+        self.domain = domain                          # routing domain (§2.6): option scope
+        self.plan_domain = plan_domain or domain      # recipient domain the route plan uses
         self.active: deque[QueuedMessage] = deque()
         self.delayed = 0
         self.conns = 0
@@ -116,6 +117,7 @@ class Scheduler:
         self.connids = IdGenerator(shard=99)
         self.bodies = BodyCache()
         self.stopping = False
+        self._routing: dict[tuple[str, str], str] = {}
         self.stats = {"delivered": 0, "transient": 0, "permanent": 0, "bounces": 0}
 
     # -- entry points --------------------------------------------------------
@@ -159,10 +161,17 @@ class Scheduler:
 
     # -- queue bookkeeping ---------------------------------------------------
     def queue_for(self, binding: str, domain: str) -> DomainQueue:
-        key = (binding, domain)
+        """The queue a recipient domain's mail waits in on ``binding``."""
+        rkey = (binding, domain)
+        rd = self._routing.get(rkey)
+        if rd is None:
+            if len(self._routing) > 200_000:
+                self._routing.clear()
+            rd = self._routing[rkey] = router.routing_domain(binding, domain, self.config)
+        key = (binding, rd)
         q = self.queues.get(key)
         if q is None:
-            q = self.queues[key] = DomainQueue(binding, domain)
+            q = self.queues[key] = DomainQueue(binding, rd, domain)
         return q
 
     def _activate(self, msg: QueuedMessage) -> None:
@@ -232,7 +241,7 @@ class Scheduler:
         now = time.monotonic()
         if q.decision is not None and now < q.decision_expires:
             return q.decision
-        plan = router.plan(q.binding, q.domain, self.config)
+        plan = router.plan(q.binding, q.plan_domain, self.config)
         answers = await router.gather(plan, self.resolver, q.dns_failures)
         decision = router.decide(plan, answers, q.dns_failures)
         if decision.failure is not None and decision.failure.enhanced == "4.4.3":
@@ -456,7 +465,7 @@ class Scheduler:
         by_batch: dict[str, list] = {}
         for m, reply, stage, connid, bytes_sent, remote_ip in failures:
             self.stats["permanent"] += 1
-            q = self.queues.get((m.binding, m.domain))
+            q = self.queue_for(m.binding, m.domain)
             if q is not None:
                 q.failed += 1
             self.logs.mainlog.permanent(m.msgid, m.batch_id, connid, m.domain, bytes_sent, m.group,

@@ -82,3 +82,16 @@ def test_impetus_route_shows_the_decision(tmp_path, dns_server):
                           str(conf)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "550 5.4.4 [internal] NULL MX domain does not accept mail" in out.stdout
+
+
+def test_domains_behind_one_gateway_share_its_queue(tmp_path, dns_server, smtp_sinks):
+    """§2.6: queued under the gateway, so recipients of different domains of
+    one transaction travel together in one SMTP transaction."""
+    sink = smtp_sinks(("127.0.0.5",))
+    with run_mta(tmp_path, dns_server, f'Gateway = "127.0.0.5:{sink.port}"') as m:
+        m.send("a@src.test", ["x@example.test", "y@amx.test", "z@other.test"])
+        [msg] = sink.wait_for(1)
+        m.mainlog.wait_for("D", 3)
+    assert sorted(msg["rcpt_tos"]) == ["x@example.test", "y@amx.test", "z@other.test"]
+    # the D lines still name each recipient's domain
+    assert sorted(d[5] for d in m.mainlog.records("D")) == ["amx.test", "example.test", "other.test"]
