@@ -20,6 +20,9 @@ FRAGMENTS = [
     '"/^a(/"', '"/x/"', '"example.com"', '":25"', '"[::1]:25"', '"/tmp/s"', '"10.0.0.0/8"',
     "0", "1", "-1", "0644", "0999", "70000", "auto", "true", "maybe", "5/0", "::1", "é",
     "\ufeff", "\u2028", "\ud7ff",
+    "Routes", "Delivery_Method", "LMTP_Port", "Prohibited_Hosts", "Skip_Hosts",
+    "MX_Failures_Fallback_To_A", '"__mx__"', '"smtp://a?pref=1&ttl=2"', '"smtp://[::1]:25"',
+    '"lmtp://h?port=24"', '"smtp://fe80::1"', '"apn://x"', "?", "&", "pref=", "lmtp", "ecstream",
 ]
 
 fragments = st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join)
