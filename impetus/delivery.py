@@ -78,6 +78,7 @@ class Connection:
         self.deliveries = 0
         self.broken = False
         self.opened_at = time.monotonic()
+        self.host_key = None  # the scheduler's per-host connection count this one holds
 
     @property
     def remote_ip(self) -> str:

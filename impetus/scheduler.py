@@ -118,6 +118,8 @@ class Scheduler:
         self.bodies = BodyCache()
         self.stopping = False
         self._routing: dict[tuple[str, str], str] = {}
+        self.host_conns: dict[tuple[str, str], int] = {}   # (binding, MX host) -> open connections
+        self.host_waiters: dict[tuple[str, str], list] = {}
         self.stats = {"delivered": 0, "transient": 0, "permanent": 0, "bounces": 0}
 
     # -- entry points --------------------------------------------------------
@@ -256,13 +258,20 @@ class Scheduler:
         q.decision_expires = time.monotonic() + decision.ttl
         return decision
 
+    def _host_limit(self, q: DomainQueue, host: str) -> int:
+        """``Host`` stanza ``Max_Outbound_Connections`` (D18: no fallback;
+        -1 or no stanza = unlimited)."""
+        limit = self.config.host_lookup("Max_Outbound_Connections", host, binding=q.binding)
+        return -1 if limit is None else limit
+
     def _candidate_hops(self, q: DomainQueue, decision: router.RouteDecision):
         """Hops in trying order: by preference, round-robin within a level,
-        skipping hosts that failed less than ``Host_Failure_Retry`` ago."""
+        skipping hosts that failed less than ``Host_Failure_Retry`` ago and
+        hosts at their ``Host`` connection cap. Returns (hops, capped)."""
         retry = self._lookup("Host_Failure_Retry", q)
         now = time.monotonic()
         q.rr += 1
-        out = []
+        out, capped = [], []
         for level in decision.levels:
             n = len(level)
             rotated = [level[(q.rr + i) % n] for i in range(n)] if n > 1 else level
@@ -270,25 +279,70 @@ class Scheduler:
                 failed_at = self.failed_hosts.get((hop.ip, hop.port))
                 if failed_at is not None and now - failed_at < retry:
                     continue
+                limit = self._host_limit(q, hop.host)
+                if 0 <= limit <= self.host_conns.get((q.binding, hop.host), 0):
+                    capped.append((q.binding, hop.host))
+                    continue
                 out.append(hop)
-        return out
+        return out, capped
 
     async def _connect(self, q: DomainQueue, decision: router.RouteDecision):
-        """Try hops in order; a failure during connect/banner/EHLO moves on."""
+        """Try hops in order; a failure during connect/banner/EHLO moves on.
+
+        Returns (connection, capped): ``capped`` lists host keys that were
+        passed over only because they are at their connection cap.
+        """
         timeouts = Timeouts.from_config(self.config, q.domain, q.binding)
         errors = []
-        for hop in self._candidate_hops(q, decision):
+        hops, capped = self._candidate_hops(q, decision)
+        for hop in hops:
+            key = (q.binding, hop.host)
+            self.host_conns[key] = self.host_conns.get(key, 0) + 1  # reserve before awaiting
             conn = Connection(hop, timeouts, self.hostname)
             try:
                 await conn.open()
-                return conn, None
+                conn.host_key = key
+                return conn, capped
             except DeliveryError as exc:
                 conn.close()
+                self._release_host(key)
                 self.failed_hosts[(hop.ip, hop.port)] = time.monotonic()
                 errors.append(f"{hop.host}[{hop.ip}]:{hop.port}: {exc.reply}")
-        detail = "; ".join(errors) if errors else "every host is within Host_Failure_Retry"
-        self.logs.paniclog.panic(f"{q.binding}/{q.domain}: no host reachable: {detail}")
-        return None, detail
+        if errors or not capped:
+            detail = "; ".join(errors) if errors else "every host is within Host_Failure_Retry"
+            self.logs.paniclog.panic(f"{q.binding}/{q.domain}: no host reachable: {detail}")
+            return None, []
+        return None, capped
+
+    def _release_host(self, key) -> None:
+        n = self.host_conns.get(key, 0) - 1
+        if n > 0:
+            self.host_conns[key] = n
+        else:
+            self.host_conns.pop(key, None)
+        waiters = self.host_waiters.pop(key, [])
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(True)
+
+    async def _close_conn(self, conn: Connection | None) -> None:
+        if conn is None:
+            return
+        await conn.quit()
+        key = getattr(conn, "host_key", None)
+        if key is not None:
+            conn.host_key = None
+            self._release_host(key)
+
+    async def _wait_for_host_slot(self, capped) -> None:
+        """Every usable host is at its cap: wait until one frees up."""
+        fut = asyncio.get_running_loop().create_future()
+        for key in capped:
+            self.host_waiters.setdefault(key, []).append(fut)
+        try:
+            await asyncio.wait_for(fut, 5.0)
+        except asyncio.TimeoutError:
+            pass
 
     # -- the connection worker -------------------------------------------------
     async def _worker(self, q: DomainQueue) -> None:
@@ -310,8 +364,12 @@ class Scheduler:
                     self._fail_active(q, decision.failure, NOT_CONNECTED, "", 0, "")
                     return
                 if conn is None or conn.broken:
-                    conn, detail = await self._connect(q, decision)
+                    await self._close_conn(conn)
+                    conn, capped = await self._connect(q, decision)
                     if conn is None:
+                        if capped:
+                            await self._wait_for_host_slot(capped)
+                            continue
                         self._fail_active(q, NO_MXS_REACHABLE, NOT_CONNECTED, "", 0, "")
                         return
                 if starting:
@@ -330,8 +388,7 @@ class Scheduler:
             if starting:
                 q.starting -= 1
             q.conns -= 1
-            if conn is not None:
-                await conn.quit()
+            await self._close_conn(conn)
             if q.active and not self.stopping:
                 self._kick(q)
 

@@ -187,3 +187,39 @@ def test_dns_failures_to_purge_fails_permanently(tmp_path, dns_server, smtp_sink
         m.send("a@src.test", ["x@example.test"])
         p = m.mainlog.wait_for("P", timeout=30)[0]
     assert p[-1] == "554 5.4.4 [internal] Domain Lookup Failed"
+
+
+def test_host_stanza_caps_connections_without_fallback(tmp_path, dns_server, smtp_sinks):
+    """D18: Host "amx.test" { Max_Outbound_Connections = 1 } caps that host even
+    though the domain allows 10; mail waits for the one connection, none fails."""
+    import threading
+    sink = smtp_sinks(("127.0.0.4",), delays={"DATA": 0.3})
+    body = (f'Remote_SMTP_Port = {sink.port}\nMax_Outbound_Connections = 10\nIdle_Timeout = 0\n'
+            f'Host "amx.test" {{ Max_Outbound_Connections = 1 }}')
+    with run_mta(tmp_path, dns_server, body) as m:
+        threads = [threading.Thread(target=m.send, args=("a@src.test", [f"x{i}@amx.test"]))
+                   for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        sink.wait_for(6, timeout=30)
+    assert sink.max_concurrent_connections == 1
+    assert not m.mainlog.records("T")
+
+
+def test_cname_chain_in_mx_is_followed(tmp_path, dns_server, smtp_sinks):
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
+    with run_mta(tmp_path, dns_server, f"Remote_SMTP_Port = {sink.port}") as m:
+        m.send("a@src.test", ["x@cname-mx.test"])
+        [msg] = sink.wait_for(1)
+    assert msg["sockname"][0] == "127.0.0.2"
+
+
+def test_binding_level_gateway_for_the_default_binding(tmp_path, dns_server, smtp_sinks):
+    gw = smtp_sinks(("127.0.0.7",))
+    body = f'Binding "default" {{ Gateway = "127.0.0.7:{gw.port}" }}'
+    with run_mta(tmp_path, dns_server, body) as m:
+        m.send("a@src.test", ["x@example.test"])
+        [msg] = gw.wait_for(1)
+    assert msg["sockname"][0] == "127.0.0.7"
