@@ -334,7 +334,8 @@ def decide(plan_: RoutePlan, answers: dict, mx_failures: int = 0) -> RouteDecisi
 def format_decision(decision: RouteDecision) -> str:
     """Human-readable decision for ``impetus route``."""
     p = decision.plan
-    lines = [f"domain {p.domain} (binding {p.binding})", f"route source: {p.scope}"]
+    lines = [f"domain {p.domain} (binding {p.binding})", f"route source: {p.scope}",
+             f"queued under: {p.routing_domain or p.domain}"]
     for note in decision.notes:
         lines.append(f"note: {note}")
     if decision.failure is not None:
