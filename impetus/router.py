@@ -245,6 +245,7 @@ def decide(plan_: RoutePlan, answers: dict, mx_failures: int = 0) -> RouteDecisi
     candidates: list[tuple[int, str, str, int, str]] = []
     ttls: list[float] = [t.ttl for t in plan_.targets if t.ttl]
     transient: list[str] = []
+    definitive_misses = 0
     skip_mx = fall_back_to_a(plan_, mx_failures)
     for t in plan_.targets:
         base = t.pref * 65536
@@ -262,6 +263,7 @@ def decide(plan_: RoutePlan, answers: dict, mx_failures: int = 0) -> RouteDecisi
             ttls.append(mx.ttl)
             if mx.null_mx:
                 decision.failure = NULL_MX
+                decision.ttl = max(1.0, min(ttls))
                 return decision
             src = f"{via}/mx" if via else "mx"
             for pref, exchange in sorted(mx.records):
@@ -271,14 +273,15 @@ def decide(plan_: RoutePlan, answers: dict, mx_failures: int = 0) -> RouteDecisi
             decision.notes.append(f"{t.name}: no MX records, using its A/AAAA (implicit MX)")
             candidates.append((base, t.name, via or "implicit-mx", t.port, t.proto))
         elif mx.status == "NXDOMAIN":
-            decision.failure = LOOKUP_FAILED
+            # Left out like an MX host without an address: with several
+            # routes the next one is used; alone, the domain fails for good.
+            ttls.append(mx.ttl)
+            definitive_misses += 1
             decision.notes.append(f"{t.name}: NXDOMAIN")
-            return decision
         else:
             transient.append(f"MX {t.name}: {mx.status} {mx.error or ''}".strip())
 
     levels: dict[int, list[NextHop]] = {}
-    definitive_misses = 0
     skipped = 0
     for pref, host, source, port, proto in candidates:
         if _is_ip(host):

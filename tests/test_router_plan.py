@@ -321,10 +321,6 @@ def test_type_a_skips_mx():
     assert ips(d) == [["192.0.2.99"]] and ("MX", "r.test") in res.calls
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router bug: decide() returns 554 5.4.4 Domain Lookup Failed for the whole recipient domain "
-    "as soon as any MX-first Routes item (or __mx__) gets NXDOMAIN, instead of leaving that "
-    "item out like an unresolvable MX host and failing over to the next route (D4/D5)"))
 def test_route_name_that_does_not_exist_is_left_out_and_the_next_route_used():
     res = FakeResolver(mx={"good.test": NODATA}, addr={"good.test": addrs("192.0.2.2")})
     d = route('Domain "d.test" { Routes = ( "gone.test" "good.test" ) }', resolver=res)
@@ -482,10 +478,6 @@ def test_routing_domain():
 
 # -- decision TTL on failures -------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router bug: on NXDOMAIN and null MX decide() returns early and never sets "
-    "decision.ttl, so the failed decision is cached for the default 300 s whatever "
-    "the answer's (negative) TTL or a route ttl= says"))
 def test_failure_decision_ttl_follows_the_answer():
     d = route("", resolver=FakeResolver(mx={"d.test": Ans("NXDOMAIN", ttl=30)}))
     assert d.failure.code == 554
