@@ -223,3 +223,15 @@ def test_binding_level_gateway_for_the_default_binding(tmp_path, dns_server, smt
         m.send("a@src.test", ["x@example.test"])
         [msg] = gw.wait_for(1)
     assert msg["sockname"][0] == "127.0.0.7"
+
+
+def test_delivery_method_smtp_uses_helo_only(tmp_path, dns_server, smtp_sinks):
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
+    body = f'Remote_SMTP_Port = {sink.port}\nDomain "example.test" {{ Delivery_Method = SMTP }}'
+    with run_mta(tmp_path, dns_server, body) as m:
+        m.send("a@src.test", ["x@example.test"])
+        sink.wait_for(1)
+    cmds = [s["commands"] for s in sink.sessions if s["commands"]][0]
+    assert cmds[0] == "HELO impetus.test"
+    assert not any(c.startswith("EHLO") for c in cmds)
+    assert "SIZE=" not in next(c for c in cmds if c.startswith("MAIL FROM"))
