@@ -113,7 +113,7 @@ def _scope_rank(config, resolved, domain, binding) -> int:
         return len(chain)
 
 
-def _route_targets(items, default_port: int, lmtp_port: int, method: str) -> list[Target]:
+def _route_targets(items, smtp_port: int, lmtp_port: int, method: str) -> list[Target]:
     """D4/D5/D6: ``Routes`` items to targets with preferences.
 
     Explicit ``pref=`` values are kept; unranked items take an implied
@@ -130,8 +130,13 @@ def _route_targets(items, default_port: int, lmtp_port: int, method: str) -> lis
         else:
             pref = next_implicit
             next_implicit += 1
-        proto = "lmtp" if it.kind == "lmtp" else method
-        port = it.port or (lmtp_port if proto == "lmtp" else default_port)
+        if it.kind == "lmtp":
+            proto = "lmtp"
+        elif it.kind == "smtp":  # an explicit smtp:// item speaks SMTP whatever the method
+            proto = method if method in ("esmtp", "smtp") else "esmtp"
+        else:
+            proto = method
+        port = it.port or (lmtp_port if proto == "lmtp" else smtp_port)
         if it.kind == "mx":
             out.append(Target("", "domain", port, pref, proto, "route/__mx__", it.ttl))
             continue
@@ -165,7 +170,7 @@ def plan(binding: str, domain: str, config) -> RoutePlan:
                                    _scope_rank(config, routes, domain, binding)
                                    < _scope_rank(config, gateway, domain, binding))
     if use_routes:
-        targets = _route_targets(routes.value, port, lmtp_port, method)
+        targets = _route_targets(routes.value, look("Remote_SMTP_Port"), lmtp_port, method)
         targets = [Target(domain, t.kind, t.port, t.pref, t.proto, t.source, t.ttl)
                    if t.source == "route/__mx__" else t for t in targets]
         where = f"Routes {routes.scope} ({routes.file}:{routes.line})"

@@ -91,3 +91,11 @@ def test_a_host_that_does_not_resolve_is_left_out():
                                ("ADDR", "bad.t"): Ans("NXDOMAIN"),
                                ("ADDR", "good.t"): addrs("127.0.0.3")})
     assert [h.host for h in d.hops] == ["good.t"]
+
+
+def test_smtp_uri_route_speaks_smtp_even_under_lmtp_method():
+    from types import SimpleNamespace as NS
+    items = [NS(kind="smtp", host="127.0.0.9", port=None, pref=None, ttl=None, type=None),
+             NS(kind="host", host="127.0.0.8", port=None, pref=None, ttl=None, type=None)]
+    targets = router._route_targets(items, 25, 2003, "lmtp")
+    assert [(t.proto, t.port) for t in targets] == [("esmtp", 25), ("lmtp", 2003)]
