@@ -89,3 +89,22 @@ def dovecot_lmtp(certs):
     finally:
         server.stop()
         server.cleanup()
+
+
+@pytest.fixture
+def redis_server():
+    """Private ``redis-server`` on 127.0.0.1 (tests/peers/redis.py):
+    ``.url`` (``redis://127.0.0.1:PORT/0``), ``.port``, ``.stop()``,
+    ``.start()`` (same port when free), ``.command(*args)``.  Skips when
+    redis-server is not installed (CI installs it)."""
+    from tests.peers.redis import RedisServer, redis_available
+
+    reason = redis_available()
+    if reason:
+        pytest.skip(reason)
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.cleanup()
