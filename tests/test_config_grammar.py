@@ -195,8 +195,10 @@ def test_host_max_outbound_connections_is_supported():
 
 
 def test_other_host_options_not_supported_yet():
+    assert errors('Host "mx.example.com" { Rollup_MX = true }') == [
+        "t.conf:1:25: option 'Rollup_MX' is not supported yet"]
     assert errors('Host "mx.example.com" { Outbound_Throttle_Messages = "10/5" }') == [
-        "t.conf:1:25: option 'Outbound_Throttle_Messages' is not supported yet"]
+        "t.conf:1:25: option 'Outbound_Throttle_Messages' is not supported yet in a host stanza"]
 
 
 def test_option_supported_except_in_some_scopes(monkeypatch):

@@ -184,7 +184,7 @@ def test_bad_relay_domain():
         'patterns, got "exa mple.com"']
 
 
-# -- rates (validated even while the throttle options are not supported) ----------------------
+# -- rates ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw,value", [("60", (60, 1)), ('"60/3"', (60, 3)), ('"1/60"', (1, 60)),
                                        ("0", (0, 1))])
@@ -195,13 +195,19 @@ def test_rate_type(raw, value):
     assert RATE.convert(Value("scalar", Pos("t", 1, 1), text=raw.strip('"')), "") == value
 
 
-@pytest.mark.parametrize("raw", ["5/0", "x", "5/", "/5", "-1", "1.5/2"])
+@pytest.mark.parametrize("raw", ["x", "5/", "/5", "-1", "1.5/2", "5/-1", "5 per second"])
 def test_bad_rates(raw):
     errs = errors(f'Outbound_Throttle_Messages = "{raw}"')
     assert errs == [
-        "t.conf:1:1: option 'Outbound_Throttle_Messages' is not supported yet",
         "t.conf:1:30: option 'Outbound_Throttle_Messages' expects a rate \"N\" or \"N/S\" "
         f'(N >= 0, S > 0), got "{raw}"']
+
+
+@pytest.mark.parametrize("raw", ["5/0", "0/0", "5/00"])
+def test_rate_with_a_zero_period_is_a_clear_error(raw):
+    assert errors(f'Binding_Group "g" {{ Outbound_Throttle_Connections = "{raw}" }}') == [
+        "t.conf:1:53: option 'Outbound_Throttle_Connections' expects a rate \"N\" or \"N/S\" "
+        f'(N >= 0, S > 0), got "{raw}" (the period S must be at least 1 second)']
 
 
 # -- strings and paths ------------------------------------------------------------------------
@@ -282,6 +288,12 @@ def test_unknown_option_suggests_close_match():
     "Routes", "Delivery_Method", "LMTP_Port", "Fully_Resolve_Before_SMTP",
     "MX_Failures_Fallback_To_A", "DNS_Failures_To_Purge", "MX_Failures_To_Delay",
     "Connect_Timeout_To_Delay", "Prohibited_Hosts", "Skip_Hosts",
+    "Bind_Address", "EHLO_Hostname", "Default_Binding", "Suspend_Delivery",
+    "Outbound_Throttle_Messages", "Outbound_Throttle_Connections",
+    "Cluster_Outbound_Throttle_Messages", "Cluster_Outbound_Throttle_Connections",
+    "Cluster_Throttle_Store", "Scope_Max_Outbound_Connections", "Server_Max_Outbound_Connections",
+    "Max_Deliveries_Per_Connection", "Max_Recipients_Per_Connection",
+    "Connection_Allocation_Aggressiveness", "Policy_Module",
 ])
 def test_supported_options(name):
     from impetus.config import get_option
@@ -289,9 +301,10 @@ def test_supported_options(name):
     assert spec is not None and spec.supported
 
 
-@pytest.mark.parametrize("name", ["ECStream_Port", "TLS_Engine", "TLS",
-                                  "Bind_Address", "EHLO_Hostname", "Outbound_Throttle_Messages",
-                                  "XCLIENT", "Rollup_MX", "Suspend_Delivery"])
+@pytest.mark.parametrize("name", ["ECStream_Port", "TLS_Engine", "TLS", "XCLIENT", "Rollup_MX",
+                                  "Server_Reserve_Outbound_Connections",
+                                  "Cluster_Max_Outbound_Connections",
+                                  "Migrate_Connections_Between_Sibling_Domains"])
 def test_not_yet_supported_options_are_in_the_table(name):
     from impetus.config import get_option
     spec = get_option(name)

@@ -37,6 +37,14 @@ from .options import (HOST_DEFAULTS, LISTENER_SCOPES, OPTIONS, OUTBOUND_SCOPES, 
 from .parser import Assignment, Stanza, Statement, Value
 from .values import BadValue, BadValues
 
+#: Options whose value is a token bucket shared by reference (spec §2.3).
+THROTTLE_OPTIONS = frozenset({
+    "outbound_throttle_messages", "outbound_throttle_connections",
+    "cluster_outbound_throttle_messages", "cluster_outbound_throttle_connections"})
+#: Connection caps shared by everything under the stanza that sets them (§6.2).
+SCOPE_CAP_OPTIONS = frozenset({"scope_max_outbound_connections",
+                               "server_max_outbound_connections"})
+
 #: Entries kept in each lookup cache before it is emptied.
 CACHE_LIMIT = 100_000
 
@@ -550,9 +558,72 @@ class _Builder:
             if problem:
                 self.err(rc.node.pos, f"option 'Resolv_Conf' names a file that cannot be "
                                       f"read: {path}: {problem}")
+        pm = vals.get("policy_module")
+        if pm is not None:
+            problem = policy_module_problem(pm.value)
+            if problem:
+                self.err(pm.node.pos, f"option 'Policy_Module' {problem}")
 
 
 _BAD = object()
+
+
+def _defines(body: list, name: str) -> bool:
+    """Whether top-level statements (looking into if/try/with blocks) bind
+    ``name``: a def, an assignment, an import, or a ``*`` import."""
+    import ast
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name == name:
+                return True
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Name) and n.id == name:
+                        return True
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                bound = alias.asname or alias.name.partition(".")[0]
+                if alias.name == "*" or bound == name:
+                    return True
+        elif isinstance(node, ast.If):
+            if _defines(node.body, name) or _defines(node.orelse, name):
+                return True
+        elif isinstance(node, ast.Try) or type(node).__name__ == "TryStar":
+            blocks = [node.body, node.orelse, node.finalbody] + [h.body for h in node.handlers]
+            if any(_defines(b, name) for b in blocks):
+                return True
+        elif isinstance(node, (ast.With, ast.AsyncWith)):
+            if _defines(node.body, name):
+                return True
+    return False
+
+
+def policy_module_problem(path: str) -> str | None:
+    """Why ``Policy_Module`` cannot be used (None if it can): the file must
+    be a readable regular file holding valid Python that defines
+    ``set_binding``.  The file is parsed, never run."""
+    import ast
+    if os.path.isdir(path):
+        return f"names a file that cannot be read: {path}: is a directory"
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(16 * 1024 * 1024)
+    except OSError as exc:
+        return f"names a file that cannot be read: {path}: {exc.strerror or exc}"
+    except ValueError as exc:
+        return f"names a file that cannot be read: {path}: {exc}"
+    try:
+        tree = ast.parse(data, filename=path)
+    except SyntaxError as exc:
+        where = f" at line {exc.lineno}" if exc.lineno else ""
+        return f"file {path} is not valid Python{where}: {exc.msg}"
+    except (ValueError, RecursionError, MemoryError) as exc:
+        return f"file {path} is not valid Python: {exc}"
+    if not _defines(tree.body, "set_binding"):
+        return f"file {path} does not define set_binding(message)"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -701,12 +772,24 @@ class Config:
         for g in root.iter_children("binding_group"):
             for b in g.iter_children("binding"):
                 bindings[b.name] = g.name
+        #: binding name -> group name (``default`` included)
         self.bindings: dict[str, str] = bindings
+        # Members in declaration order (D2 round-robin): a group's bindings
+        # in the order they are declared inside it; the default group holds
+        # the ``default`` binding first, then the ungrouped top-level
+        # bindings in file order.
         groups: dict[str, list[str]] = {"default": []}
+        if bindings["default"] == "default":
+            groups["default"].append("default")
+        for sc in root.iter_children("binding"):
+            if bindings[sc.name] == "default" and sc.name != "default":
+                groups["default"].append(sc.name)
         for g in root.iter_children("binding_group"):
-            groups.setdefault(g.name, [])
-        for b, g in bindings.items():
-            groups.setdefault(g, []).append(b)
+            members = groups.setdefault(g.name, [])
+            for b in g.iter_children("binding"):
+                if b.name not in members:
+                    members.append(b.name)
+        #: group name -> member bindings in declaration order (``default`` included)
         self.groups: dict[str, list[str]] = groups
         self.listeners = self._listeners("esmtp_listener", "listen", LISTENER_SCOPES)
         self.control_listeners = self._listeners(
@@ -718,6 +801,87 @@ class Config:
     def group_of(self, binding: str) -> str:
         """The binding group of ``binding`` (``default`` if it is in none)."""
         return self._group_of.get(binding, "default")
+
+    def is_binding(self, name: str) -> bool:
+        """True for a declared binding or the implicit ``default`` binding
+        (names are case-sensitive)."""
+        return name in self.bindings
+
+    def is_group(self, name: str) -> bool:
+        """True for a declared binding group or the implicit ``default`` group."""
+        return name in self.groups
+
+    def group_members(self, group: str) -> list[str]:
+        """Bindings of ``group`` in declaration order (a new list; empty for
+        an unknown or empty group).  The ``default`` group holds the
+        ``default`` binding and every binding declared outside a group."""
+        return list(self.groups.get(group, ()))
+
+    # -- shared buckets (spec §2.3, §6.2, §6.3) ------------------------------------
+    def throttle_bucket(self, name: str, *, domain: str | None = None,
+                        binding: str = "default") -> tuple[str, tuple[int, int]] | None:
+        """The token bucket a throttle option draws from for (binding, domain):
+        ``(identity, (n, s))``, or None when unlimited (unset or ``N = 0``).
+
+        ``name`` is ``Outbound_Throttle_Messages``, ``Outbound_Throttle_Connections``
+        or their ``Cluster_`` variants.  Throttles are shared by reference:
+        the identity names the option and the stanza that sets it, e.g.
+        ``'outbound_throttle_messages@binding_group "g"'`` or
+        ``'outbound_throttle_connections@global'``, so every lookup that falls
+        back to the same stanza gets the same bucket (a group value is one
+        bucket for all its bindings and domains, a regex ``Domain`` stanza one
+        for every domain it matches, a global value one for the system).
+        Identities derive from the configuration only (stable across nodes
+        and restarts for the same file)."""
+        spec = self._bucket_spec(name, THROTTLE_OPTIONS)
+        r = self.explain(spec.name, domain=domain, binding=binding)
+        if r.value is None or r.value[0] <= 0:
+            return None
+        return f"{spec.lname}@{r.scope}", r.value
+
+    def host_throttle_bucket(self, name: str, host: str, *,
+                             binding: str = "default") -> tuple[str, tuple[int, int]] | None:
+        """Like :meth:`throttle_bucket` for the ``Host`` stanza chain (spec
+        §6.4; D18: no fallback to the domain/binding/global chain): None
+        when no Host stanza matching ``host`` sets the throttle.  A regex
+        Host stanza is one bucket for every host it matches.  (Throttles are
+        not accepted in Host stanzas yet, so this is None for now.)"""
+        spec = self._bucket_spec(name, THROTTLE_OPTIONS)
+        r, key = self._host_resolve(spec.name, host, binding)
+        if r is None or r.value is None or r.value[0] <= 0:
+            return None
+        return f"{spec.lname}@{key}", r.value
+
+    def scope_bucket(self, name: str, *, domain: str | None = None,
+                     binding: str = "default") -> tuple[str, int] | None:
+        """The shared connection cap for (binding, domain): ``(identity, cap)``
+        or None when there is no cap (unset or 0).
+
+        ``name`` is ``Scope_Max_Outbound_Connections`` or
+        ``Server_Max_Outbound_Connections``.  The identity names the option
+        and the stanza that sets it, as for :meth:`throttle_bucket`; everything
+        that falls back to that stanza shares one count (spec §6.2): global =
+        all connections; ``domain "d"`` = d over all bindings;
+        ``binding_group "g" / domain "d"`` = d over g's bindings;
+        ``binding "b" / domain "d"`` = d on b; ``binding "b"`` = everything
+        through b; ``binding_group "g"`` = everything through g's bindings;
+        a regex domain = all matching domains together.  The built-in
+        default of ``Server_Max_Outbound_Connections`` (20000) is the global
+        bucket."""
+        spec = self._bucket_spec(name, SCOPE_CAP_OPTIONS)
+        r = self.explain(spec.name, domain=domain, binding=binding)
+        if r.value is None or r.value <= 0:
+            return None
+        scope = "global" if r.scope == "default" else r.scope
+        return f"{spec.lname}@{scope}", r.value
+
+    @staticmethod
+    def _bucket_spec(name: str, allowed: frozenset[str]) -> OptionSpec:
+        spec = OPTIONS.get(name.lower()) if isinstance(name, str) else None
+        if spec is None or spec.lname not in allowed:
+            names = ", ".join(sorted(OPTIONS[n].name for n in allowed))
+            raise KeyError(f"{name!r} is not a shared-bucket option (expected one of {names})")
+        return spec
 
     # -- outbound lookup -------------------------------------------------------
     def lookup(self, name: str, *, domain: str | None = None, binding: str = "default") -> Any:

@@ -104,7 +104,12 @@ opt("Local_Changes_File", V.PATH, None, G,
     "Writable file loaded after everything else (console writeback).", supported=False)
 opt("Local_Changes_Only", V.BOOL, False, G, "Send every console edit to Local_Changes_File.", supported=False)
 opt("Default_Binding", V.Enum("normal", "none", "suspended"), "normal", G,
-    "How mail on the implicit default binding is treated (§2.5).", supported=False)
+    "Mail left on the implicit default binding: normal (delivered), none (refused at "
+    "reception with 451), suspended (held, as with Suspend_Delivery) (§2.5).", supported=True)
+opt("Policy_Module", V.PATH, None, G,
+    "Python file defining set_binding(message), run at reception after the X-Binding "
+    "headers (our extension, D3); checked at load: must be readable, valid Python and "
+    "define set_binding.", supported=True)
 opt("Match_Cache_Size", V.INT, 16384, G, "Cache size for regex Domain/Host matches.", supported=False)
 opt("Match_Cache_Life", V.DURATION, 0, G, "Lifetime of regex match cache entries.", supported=False)
 
@@ -167,11 +172,18 @@ opt("Skip_Hosts", V.ADDRLIST, [], G,
     "Destination IPs/CIDRs skipped; none left = 451 4.4.1 No valid hosts (D9).", supported=True)
 
 # §5 bindings
-opt("Bind_Address", V.STR, "*", BGB, "Source IP address of a binding.", supported=False)
-opt("EHLO_Hostname", V.STR, "__hostname__", OUT,
-    "EHLO argument: a literal, __hostname__ or __message__.", supported=False)
+opt("Bind_Address", V.BIND_ADDRESS, "*", BGB,
+    "Source IP of a binding (global: of the default binding and the fallback); * lets the "
+    "kernel choose. An IPv4/IPv6 address configured on this host, or a host name from "
+    "/etc/hosts (never DNS). Needs a restart to change (D20).", supported=True)
+opt("EHLO_Hostname", V.EHLO_HOSTNAME, "__hostname__", OUT,
+    "EHLO argument: a literal host name or [address], __hostname__ (Hostname, else the "
+    "system name) or __message__ (the envelope sender's domain).", supported=True)
 opt("Hostname", V.STR, None, G, "Overrides the system host name.", supported=True)
-opt("Suspend_Delivery", V.BOOL, False, OUT, "No delivery attempts in this scope.", supported=False)
+opt("Suspend_Delivery", V.BOOL, False, OUT,
+    "No delivery attempts in this scope; mail waits until it is set back to false. "
+    "Suspended bindings are not chosen from a group while others are not (D2).",
+    supported=True)
 
 # §6 throttling and connections
 opt("Max_Outbound_Connections", V.INT_M1, 32, OUTH,
@@ -179,19 +191,27 @@ opt("Max_Outbound_Connections", V.INT_M1, 32, OUTH,
     "(no fallback there: a matching Host stanza without it means -1, unlimited; D18).",
     supported=True)
 opt("Scope_Max_Outbound_Connections", V.INT, None, OUTH,
-    "Connection cap shared by everything under the scope.", supported=False)
+    "Connection cap shared by everything that falls back to the stanza setting it (global: "
+    "all; domain: that domain over all bindings; binding_group::domain: over the group; "
+    "regex domain: all matching domains together); 0 or unset = no cap.",
+    supported=True, unsupported_scopes=("host",))
 opt("Server_Max_Outbound_Connections", V.INT, 20000, BGB,
-    "Ceiling on all outbound connections (per binding inside a binding) (D15).", supported=False)
+    "Ceiling on all outbound connections; in a binding: through that binding; in a "
+    "binding group: through its bindings together (D15). 0 = no cap.", supported=True)
 opt("Server_Reserve_Outbound_Connections", V.INT, 200, G,
     "Reserve added to Server_Max_Outbound_Connections.", supported=False)
 opt("Outbound_Throttle_Messages", V.RATE, None, OUTH,
-    "Message rate, one bucket per defining scope.", supported=False)
+    "Message delivery rate \"N\" (per second) or \"N/S\" (per S seconds); 0 = unlimited. "
+    "One bucket per defining stanza, shared by reference (§2.3, §6.3).",
+    supported=True, unsupported_scopes=("host",))
 opt("Outbound_Throttle_Connections", V.RATE, None, OUTH,
-    "New-connection rate, one bucket per defining scope.", supported=False)
+    "New-connection rate \"N\" or \"N/S\"; 0 = unlimited. One bucket per defining stanza, "
+    "shared by reference (§2.3, §6.3).", supported=True, unsupported_scopes=("host",))
 opt("Max_Deliveries_Per_Connection", V.INT, 0, OUT,
-    "Close a connection after N successful deliveries (0 = no limit).", supported=False)
+    "Close a connection after N successful deliveries (0 = no limit).", supported=True)
 opt("Max_Recipients_Per_Connection", V.INT, 0, OUTL,
-    "RCPT TO commands per connection (0 = no limit).", supported=False)
+    "RCPT TO commands per outbound connection (0 = no limit).", supported=True,
+    unsupported_scopes=L)
 opt("Max_Recipients_Per_Batch", V.INT, 100, OUT,
     "RCPT TO commands per outbound transaction.", supported=True)
 opt("Idle_Timeout", V.DURATION, 5, OUT,
@@ -199,15 +219,24 @@ opt("Idle_Timeout", V.DURATION, 5, OUT,
 opt("Migrate_Connections_Between_Sibling_Domains", V.BOOL, True, G,
     "Hand idle connections to domains sharing an MX.", supported=False)
 opt("Connection_Allocation_Aggressiveness", V.Enum("normal", "high"), "normal", OUT,
-    "How fast connections ramp up.", supported=False)
+    "How fast connections ramp up toward Max_Outbound_Connections: normal (gradually, "
+    "with the active queue) or high (at once).", supported=True)
 opt("Cluster_Max_Outbound_Connections", V.INT, None, OUTH, "Cluster-wide connection cap.", supported=False)
 opt("Cluster_Scope_Max_Outbound_Connections", V.INT, None, OUTH,
     "Cluster-wide shared connection cap.", supported=False)
 opt("Cluster_Server_Max_Outbound_Connections", V.INT, None, BGB,
     "Cluster-wide ceiling on connections.", supported=False)
-opt("Cluster_Outbound_Throttle_Messages", V.RATE, None, OUTH, "Cluster-wide message rate.", supported=False)
+opt("Cluster_Outbound_Throttle_Messages", V.RATE, None, OUTH,
+    "Cluster-wide message rate (as Outbound_Throttle_Messages), shared through "
+    "Cluster_Throttle_Store (node-local without one).", supported=True,
+    unsupported_scopes=("host",))
 opt("Cluster_Outbound_Throttle_Connections", V.RATE, None, OUTH,
-    "Cluster-wide new-connection rate.", supported=False)
+    "Cluster-wide new-connection rate (as Outbound_Throttle_Connections), shared through "
+    "Cluster_Throttle_Store (node-local without one).", supported=True,
+    unsupported_scopes=("host",))
+opt("Cluster_Throttle_Store", V.REDIS_URL, None, G,
+    "Redis server holding the Cluster_Outbound_Throttle_* buckets: redis://host:port/db "
+    "(our extension; port defaults to 6379, db to 0).", supported=True)
 
 # §7 TLS
 opt("TLS", V.Enum("no", "ifavailable", "required"), "no", OUT, "Outbound STARTTLS policy.", supported=False)
@@ -583,6 +612,23 @@ def render_options_markdown() -> str:
         "  `ttl`, `port`, `type`. Items without `pref` rank by list position after the",
         "  ranked ones; `__mx__` keeps the MX order at its position (D5). Names without",
         "  `type=` are looked up MX first, then A/AAAA; IP literals are used as is (D4).",
+        "* Bindings: names are case-sensitive, without spaces; binding names also without",
+        "  colons. The `default` binding and the `default` group always exist. A group's",
+        "  members are its bindings in declaration order (D2 round-robin).",
+        "* `Bind_Address` must be an address configured on this host (checked at load",
+        "  with a test `bind()`; 127.0.0.0/8 and ::1 always count), `*`, or a host name",
+        "  listed in /etc/hosts (never looked up in DNS).",
+        "* Throttles (`Outbound_Throttle_*`, `Cluster_Outbound_Throttle_*`) are shared by",
+        "  reference (spec §2.3, §6.3): one bucket per stanza that sets the option, drawn",
+        "  on by every binding and domain that falls back to it. A group value is one",
+        "  bucket for all of the group's bindings and domains, a regex `Domain` stanza one",
+        "  for every domain it matches, a global value one for the whole system; repeat",
+        "  the option in each scope to give each its own bucket. Rates are `\"N\"` per",
+        "  second or `\"N/S\"` per S seconds (S >= 1); `0` means unlimited and, set in a",
+        "  narrower scope, lifts a broader throttle. `Scope_Max_Outbound_Connections`",
+        "  and `Server_Max_Outbound_Connections` are shared the same way (0 = no cap).",
+        "  Cluster throttles are shared through `Cluster_Throttle_Store`; without it",
+        "  they are enforced on this node only.",
         "* Integers may be quoted. `*_Mode` options are octal with a leading 0.",
         "  Booleans: `true/false`, `on/off`, `enabled/disabled`, `1/0`, any case.",
         "",

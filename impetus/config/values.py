@@ -292,7 +292,10 @@ class DomainList(Array):
 
 
 class Rate(ValueType):
-    """``"N"`` (per second) or ``"N/S"`` (per S seconds, S > 0) -> ``(N, S)``."""
+    """``"N"`` (per second) or ``"N/S"`` (per S seconds, S > 0) -> ``(N, S)``.
+
+    ``N == 0`` means unlimited (spec §6.1); it is kept as ``(0, S)`` so that
+    a narrower scope can switch off a broader throttle."""
 
     name = "rate"
     expected = 'a rate "N" or "N/S" (N >= 0, S > 0)'
@@ -301,11 +304,13 @@ class Rate(ValueType):
         t = text.strip()
         n, sep, s = t.partition("/")
         n, s = n.strip(), s.strip()
-        if not n.isdigit() or not n.isascii():
+        if not n.isdigit() or not n.isascii() or len(n) > 18:
             raise BadValue()
         if sep:
-            if not s.isdigit() or not s.isascii() or int(s) <= 0:
+            if not s.isdigit() or not s.isascii() or len(s) > 18:
                 raise BadValue()
+            if int(s) <= 0:
+                raise BadValue(detail="the period S must be at least 1 second")
             return (int(n), int(s))
         return (int(n), 1)
 
@@ -622,6 +627,246 @@ class Routes(ValueType):
         return "( " + " ".join(_q(r.text) for r in value) + " )"
 
 
+# ---------------------------------------------------------------------------
+# Bindings (spec §5) and the cluster throttle store (§6)
+
+#: Where ``Bind_Address`` host names are looked up (never DNS); tests may
+#: point it elsewhere.
+HOSTS_FILE = "/etc/hosts"
+
+
+def hosts_file_addresses(name: str, path: str | None = None) -> list[str]:
+    """Addresses listed for ``name`` in the hosts file, in file order
+    (case-insensitive, no trailing dot).  Never asks DNS."""
+    want = name.strip().lower().rstrip(".")
+    out: list[str] = []
+    try:
+        with open(path or HOSTS_FILE, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.partition("#")[0].split()
+                if len(fields) < 2:
+                    continue
+                if want in (f.lower().rstrip(".") for f in fields[1:]):
+                    try:
+                        addr = ipaddress.ip_address(fields[0].partition("%")[0])
+                    except ValueError:
+                        continue
+                    text = fields[0] if "%" in fields[0] else addr.compressed
+                    if text not in out:
+                        out.append(text)
+    except OSError:
+        pass
+    return out
+
+
+def local_address_problem(addr: str) -> str | None:
+    """None if ``addr`` can be the source address of an outbound connection
+    on this host, else why not.  127.0.0.0/8, ::1 and the wildcard
+    addresses always count as local; anything else is tried with
+    ``bind((addr, 0))`` on a throwaway TCP socket."""
+    import socket
+    ip = ipaddress.ip_address(addr.partition("%")[0])
+    if ip.is_loopback or ip.is_unspecified:
+        return None
+    if ip.is_multicast or (ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255")):
+        return f"address {addr} cannot be a source address (multicast or broadcast)"
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"address {addr} cannot be used: IPv{ip.version} sockets are not available " \
+               f"({exc.strerror or exc})"
+    try:
+        sock.bind((addr, 0))
+    except OSError as exc:
+        import errno
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"address {addr} is not configured on this host"
+        return f"address {addr} cannot be bound on this host ({exc.strerror or exc})"
+    except (ValueError, TypeError) as exc:  # pragma: no cover - validated above
+        return f"address {addr} cannot be bound on this host ({exc})"
+    finally:
+        sock.close()
+    return None
+
+
+class BindAddress(ValueType):
+    """``Bind_Address``: ``*`` (the kernel chooses), an IPv4 or IPv6 address
+    (``[v6]`` also accepted) or a host name from the hosts file (never DNS).
+    The address must be local (configured on this host).  Converts to
+    ``"*"`` or the address as text (IPv6 compressed, no brackets); a host
+    name converts to its first local address in the hosts file."""
+
+    name = "address|*"
+    expected = 'an IP address of this host, "*" or a host name from /etc/hosts'
+
+    def convert_scalar(self, text: str, node: Value) -> str:
+        t = text.strip()
+        if t == "*":
+            return "*"
+        if not t:
+            raise BadValue(detail="empty")
+        inner = t[1:-1] if t.startswith("[") and t.endswith("]") else t
+        try:
+            ip = ipaddress.ip_address(inner.partition("%")[0])
+        except ValueError:
+            ip = None
+        if ip is not None:
+            addr = ip.compressed + (inner[inner.index("%"):] if "%" in inner else "")
+            problem = local_address_problem(addr)
+            if problem:
+                raise BadValue(message=problem)
+            return addr
+        if not looks_like_hostname(t):
+            raise BadValue()
+        addrs = hosts_file_addresses(t)
+        if not addrs:
+            raise BadValue(message=f"host name {_q(t)} is not in {HOSTS_FILE} (Bind_Address "
+                                   "host names are never looked up in DNS; write the address)")
+        problems = []
+        for addr in addrs:
+            problem = local_address_problem(addr)
+            if problem is None:
+                return addr
+            problems.append(problem)
+        raise BadValue(message=f"host name {_q(t)} ({HOSTS_FILE}): {problems[0]}")
+
+
+#: ``EHLO_Hostname`` placeholders (spec §5)
+EHLO_PLACEHOLDERS = ("__hostname__", "__message__")
+
+
+class EhloHostname(ValueType):
+    """``EHLO_Hostname``: ``__hostname__`` (the ``Hostname`` option, else
+    ``gethostname()``), ``__message__`` (the envelope sender's domain) or a
+    literal host name / address literal (``[192.0.2.1]``) sent as is.
+    Placeholders are returned lower-cased, literals as written."""
+
+    name = "ehlo name"
+    expected = 'a host name, "[address]", "__hostname__" or "__message__"'
+
+    def convert_scalar(self, text: str, node: Value) -> str:
+        t = text.strip()
+        if t.lower() in EHLO_PLACEHOLDERS:
+            return t.lower()
+        if not t:
+            raise BadValue(detail="empty")
+        if t.startswith("__") and t.endswith("__"):
+            raise BadValue(detail="unknown placeholder; expected __hostname__ or __message__")
+        if not t.isascii() or any(c.isspace() or not c.isprintable() for c in t):
+            raise BadValue(detail="one word of printable ASCII characters")
+        if t.startswith("[") and t.endswith("]"):
+            inner = t[1:-1]
+            try:
+                if inner.lower().startswith("ipv6:"):
+                    ipaddress.IPv6Address(inner[5:])
+                else:
+                    ipaddress.IPv4Address(inner)
+            except ValueError:
+                raise BadValue(detail="not an address literal; expected [a.b.c.d] or "
+                                      "[IPv6:...]") from None
+            return t
+        try:
+            ipaddress.ip_address(t)
+        except ValueError:
+            pass
+        else:
+            shown = f"[IPv6:{t}]" if ":" in t else f"[{t}]"
+            raise BadValue(detail=f"write an address as an address literal, {shown}")
+        if len(t) > 255 or not looks_like_hostname(t):
+            raise BadValue()
+        return t
+
+
+REDIS_SCHEMES = ("redis", "rediss")
+REDIS_DEFAULT_PORT = 6379
+
+
+def parse_redis_url(text: str) -> tuple[str, str, int, int, str | None]:
+    """``redis://[user:password@]host[:port][/db]`` (or ``rediss://``) ->
+    ``(scheme, host, port, db, userinfo or None)``; raises ValueError with
+    the reason.  ``host`` is a host name or an IP address (IPv6 in
+    brackets); ``port`` 1-65535 (default 6379); ``db`` >= 0 (default 0)."""
+    t = text.strip()
+    scheme, sep, rest = t.partition("://")
+    if not sep:
+        head = t.partition(":")[0]
+        if head.lower() in REDIS_SCHEMES:
+            raise ValueError(f"expected '{head}://' before the host")
+        raise ValueError("the redis:// scheme is missing")
+    s = scheme.lower()
+    if s not in REDIS_SCHEMES:
+        raise ValueError(f"the scheme must be redis:// or rediss://, not {_q(scheme + '://')}")
+    if "#" in rest:
+        raise ValueError("a '#fragment' is not allowed")
+    if "?" in rest:
+        raise ValueError("query parameters are not supported")
+    authority, slash, path = rest.partition("/")
+    userinfo = None
+    if "@" in authority:
+        userinfo, _, authority = authority.rpartition("@")
+    if not authority:
+        raise ValueError("the host is missing")
+    port_text = None
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise ValueError("missing ']' after the IPv6 address")
+        inner, after = authority[1:end], authority[end + 1:]
+        try:
+            host = ipaddress.IPv6Address(inner).compressed
+        except ValueError:
+            raise ValueError(f"{_q(inner)} is not an IPv6 address") from None
+        if after:
+            if not after.startswith(":"):
+                raise ValueError("expected ':port' after ']'")
+            port_text = after[1:]
+    elif authority.count(":") > 1:
+        raise ValueError(f"an IPv6 address must be bracketed, e.g. \"{s}://[{authority}]\"")
+    else:
+        host, colon, after = authority.partition(":")
+        if colon:
+            port_text = after
+        if not host:
+            raise ValueError("the host is missing")
+        try:
+            host = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            if len(host) > 253 or not looks_like_hostname(host):
+                raise ValueError(f"{_q(host)} is not a host name or IP address") from None
+            host = host.lower().rstrip(".")
+    port = REDIS_DEFAULT_PORT
+    if port_text is not None:
+        if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5 \
+                or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"port {_q(port_text)} is not 1-65535")
+        port = int(port_text)
+    db = 0
+    if path:
+        if not (path.isascii() and path.isdigit()) or len(path) > 9:
+            raise ValueError(f"the database must be a non-negative integer, got {_q(path)}")
+        db = int(path)
+    return s, host, port, db, userinfo
+
+
+class RedisURL(ValueType):
+    """``Cluster_Throttle_Store``: ``redis://host[:port][/db]`` (also
+    ``rediss://`` and ``user:password@``).  Converts to the normalised URL
+    ``redis://host:port/db`` (port and db filled in, IPv6 bracketed)."""
+
+    name = "redis url"
+    expected = 'a Redis URL "redis://host:port/db"'
+
+    def convert_scalar(self, text: str, node: Value) -> str:
+        try:
+            scheme, host, port, db, userinfo = parse_redis_url(text)
+        except ValueError as exc:
+            raise BadValue(detail=str(exc)) from None
+        h = f"[{host}]" if ":" in host else host
+        user = f"{userinfo}@" if userinfo is not None else ""
+        return f"{scheme}://{user}{h}:{port}/{db}"
+
+
 STR = Str()
 HOSTPORT = HostPort()
 PATH = Path()
@@ -639,5 +884,8 @@ HASH = Hash()
 ADDRLIST = AddrList()
 DOMAINLIST = DomainList()
 RATE = Rate()
+BIND_ADDRESS = BindAddress()
+EHLO_HOSTNAME = EhloHostname()
+REDIS_URL = RedisURL()
 ROUTES = Routes()
 MAXRETRIES = MaxRetries()
