@@ -78,7 +78,8 @@ class Connection:
         self.deliveries = 0
         self.broken = False
         self.opened_at = time.monotonic()
-        self.host_key = None  # the scheduler's per-host connection count this one holds
+        self.cap_keys: list = []  # the scheduler's connection caps this connection holds
+        self.rcpts_sent = 0
 
     @property
     def remote_ip(self) -> str:
@@ -219,8 +220,8 @@ class Connection:
             tx.abort(exc.reply, exc.stage)
         if not tx.connection_usable:
             self.broken = True
-        if tx.delivered:
-            self.deliveries += 1
+        self.rcpts_sent += len(rcpts)
+        self.deliveries += len(tx.delivered)
         return [RcptResult(o.reply, int(o.stage)) for o in tx.outcomes]
 
     async def _rset_quietly(self) -> None:

@@ -22,6 +22,7 @@ log = logging.getLogger("impetus.listener")
 RELAYING_DENIED = Reply(550, "5.7.1", "relaying denied")
 NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 SPOOL_FAILED = Reply(451, "4.3.0", "Temporary failure writing the message to the spool")
+NO_BINDING = Reply(451, "4.3.2", "No binding assigned to this message (Default_Binding = none)")
 
 
 def domain_matches(domain: str, pattern: str) -> bool:
@@ -79,7 +80,8 @@ class RelayPolicy(Policy):
 
 
 class Listener:
-    def __init__(self, lc, config, spool: Spool, logs, on_spooled, *, hostname: str):
+    def __init__(self, lc, config, spool: Spool, logs, on_spooled, *, hostname: str,
+                 assigner):
         self.lc = lc
         self.config = config
         self.spool = spool
@@ -94,7 +96,7 @@ class Listener:
                                   logs.rejectlog, self.connids)
         self.settings = ServerSettings(hostname=hostname,
                                        max_message_size=lc.lookup("Max_Message_Size") or 0)
-        self.group = config.group_of("default")
+        self.assigner = assigner  # binding.BindingAssigner, shared by all listeners (D2 state)
 
     async def start(self) -> None:
         self.server = await smtp_serve.start_server(
@@ -112,10 +114,14 @@ class Listener:
         received = (f"Received: from {envelope.helo or 'unknown'} ([{session.peer_ip}])\r\n"
                     f"\tby {self.hostname} (Impetus) with {with_proto} id {batch_id}{for_clause};"
                     f" {email.utils.formatdate(time.time())}\r\n")
-        body = received.encode("utf-8", "surrogateescape") + envelope.body
+        body, binding = self.assigner.assign(envelope.body, envelope.mail_from, envelope.rcpt_to,
+                                             session.peer_ip, envelope.helo)
+        if binding == "default" and self.config.lookup("Default_Binding") == "none":
+            return NO_BINDING  # spec §2.5: refused at reception, never queued
+        body = received.encode("utf-8", "surrogateescape") + body
         sub = Submission(sender=envelope.mail_from, recipients=list(envelope.rcpt_to), body=body,
                          peer_ip=session.peer_ip or "unknown", proto=proto, helo=envelope.helo,
-                         binding="default", group=self.group, batch_id=batch_id)
+                         binding=binding, group=self.config.group_of(binding), batch_id=batch_id)
         self.committing += 1
         try:
             msgs = await self.spool.accept(sub)

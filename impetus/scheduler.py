@@ -25,7 +25,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 
-from . import router
+from . import router, throttle
 from .bounce import Failure, render_bounce, should_bounce
 from .delivery import (DeliveryError, Connection, NO_MXS_REACHABLE, NOT_CONNECTED, Timeouts)
 from .logs import classify_bounce
@@ -118,8 +118,10 @@ class Scheduler:
         self.bodies = BodyCache()
         self.stopping = False
         self._routing: dict[tuple[str, str], str] = {}
-        self.host_conns: dict[tuple[str, str], int] = {}   # (binding, MX host) -> open connections
-        self.host_waiters: dict[tuple[str, str], list] = {}
+        self.cap_counts: dict[tuple, int] = {}   # cap key -> open connections
+        self.cap_waiters: dict[tuple, list] = {}
+        self.limiter = throttle.MemoryLimiter()
+        self.cluster_limiter = throttle.make_limiter(config.lookup("Cluster_Throttle_Store"))
         self.stats = {"delivered": 0, "transient": 0, "permanent": 0, "bounces": 0}
 
     # -- entry points --------------------------------------------------------
@@ -210,7 +212,7 @@ class Scheduler:
         return self.config.lookup(name, domain=q.domain, binding=q.binding)
 
     def _kick(self, q: DomainQueue) -> None:
-        if self.stopping or not q.active:
+        if self.stopping or not q.active or self.suspended(q):
             return
         while q.idle:
             fut = q.idle.popleft()
@@ -258,16 +260,34 @@ class Scheduler:
         q.decision_expires = time.monotonic() + decision.ttl
         return decision
 
+    # -- connection caps and throttles (spec §6) ----------------------------------
     def _host_limit(self, q: DomainQueue, host: str) -> int:
         """``Host`` stanza ``Max_Outbound_Connections`` (D18: no fallback;
         -1 or no stanza = unlimited)."""
         limit = self.config.host_lookup("Max_Outbound_Connections", host, binding=q.binding)
         return -1 if limit is None else limit
 
+    def _queue_caps(self, q: DomainQueue) -> list[tuple[tuple, int]]:
+        """Connection caps that apply whatever the next hop: the server-wide
+        and per-binding ``Server_Max_Outbound_Connections`` and the shared
+        ``Scope_Max_Outbound_Connections`` bucket."""
+        caps = [(("server",), self.config.lookup("Server_Max_Outbound_Connections"))]
+        per_binding = self.config.explain("Server_Max_Outbound_Connections", binding=q.binding)
+        if per_binding.scope not in ("global", "default"):
+            caps.append((("server", per_binding.scope), per_binding.value))
+        scope = self.config.scope_bucket("Scope_Max_Outbound_Connections", domain=q.domain,
+                                         binding=q.binding)
+        if scope is not None:
+            caps.append((("scope", scope[0]), scope[1]))
+        return [(k, lim) for k, lim in caps if lim is not None and lim > 0]
+
+    def _at_cap(self, key, limit: int) -> bool:
+        return 0 <= limit <= self.cap_counts.get(key, 0)
+
     def _candidate_hops(self, q: DomainQueue, decision: router.RouteDecision):
         """Hops in trying order: by preference, round-robin within a level,
         skipping hosts that failed less than ``Host_Failure_Retry`` ago and
-        hosts at their ``Host`` connection cap. Returns (hops, capped)."""
+        hosts at their ``Host`` connection cap. Returns (hops, capped keys)."""
         retry = self._lookup("Host_Failure_Retry", q)
         now = time.monotonic()
         q.rr += 1
@@ -279,66 +299,114 @@ class Scheduler:
                 failed_at = self.failed_hosts.get((hop.ip, hop.port))
                 if failed_at is not None and now - failed_at < retry:
                     continue
-                limit = self._host_limit(q, hop.host)
-                if 0 <= limit <= self.host_conns.get((q.binding, hop.host), 0):
-                    capped.append((q.binding, hop.host))
+                key = ("host", q.binding, hop.host)
+                if self._at_cap(key, self._host_limit(q, hop.host)):
+                    capped.append(key)
                     continue
                 out.append(hop)
         return out, capped
 
+    async def _throttle_wait(self, q: DomainQueue, name: str, cost: int = 1) -> float:
+        """Seconds to wait before ``cost`` more units of ``name`` may go, for
+        the node-local bucket and its ``Cluster_`` twin (one bucket per
+        defining scope, shared by reference: spec §2.3, §6.3). 0 = go now."""
+        for option, limiter in ((name, self.limiter), ("Cluster_" + name, self.cluster_limiter)):
+            bucket = self.config.throttle_bucket(option, domain=q.domain, binding=q.binding)
+            if bucket is None:
+                continue
+            identity, rate = bucket
+            # Strict spacing (one unit every s/n seconds; a batch of c units
+            # may go together and the next waits c intervals): 30 messages at
+            # "5" take ~6 s, as operators read "5 per second".
+            c = max(1, min(cost, rate[0]))
+            wait = await limiter.acquire(identity, rate, c, burst=c)
+            if wait > 0:
+                return wait
+        return 0.0
+
     async def _connect(self, q: DomainQueue, decision: router.RouteDecision):
         """Try hops in order; a failure during connect/banner/EHLO moves on.
 
-        Returns (connection, capped): ``capped`` lists host keys that were
-        passed over only because they are at their connection cap.
+        Returns (connection, capped): ``capped`` lists cap keys that stopped
+        us (host, server or scope caps), to wait on when nothing connected.
         """
+        queue_caps = self._queue_caps(q)
+        blocked = [k for k, lim in queue_caps if self._at_cap(k, lim)]
+        if blocked:
+            return None, blocked
+        wait = await self._throttle_wait(q, "Outbound_Throttle_Connections")
+        if wait > 0:
+            await asyncio.sleep(wait)  # mail stays active (§6): retried when the bucket refills
+            return None, []
         timeouts = Timeouts.from_config(self.config, q.domain, q.binding)
         errors = []
         hops, capped = self._candidate_hops(q, decision)
+        ehlo = self._ehlo_name(q)
+        bind = self.config.lookup("Bind_Address", binding=q.binding)
         for hop in hops:
-            key = (q.binding, hop.host)
-            self.host_conns[key] = self.host_conns.get(key, 0) + 1  # reserve before awaiting
-            conn = Connection(hop, timeouts, self.hostname)
+            keys = [k for k, _ in queue_caps] + [("host", q.binding, hop.host)]
+            for k in keys:  # reserve before awaiting
+                self.cap_counts[k] = self.cap_counts.get(k, 0) + 1
+            source = None
+            if bind and bind != "*" and (":" in bind) == (":" in hop.ip):
+                source = bind  # a v4 source cannot reach a v6 next hop (and vice versa)
+            conn = Connection(hop, timeouts, ehlo, source_ip=source)
             try:
                 await conn.open()
-                conn.host_key = key
+                conn.cap_keys = keys
                 return conn, capped
             except DeliveryError as exc:
                 conn.close()
-                self._release_host(key)
+                self._release_caps(keys)
                 self.failed_hosts[(hop.ip, hop.port)] = time.monotonic()
                 errors.append(f"{hop.host}[{hop.ip}]:{hop.port}: {exc.reply}")
         if errors or not capped:
             detail = "; ".join(errors) if errors else "every host is within Host_Failure_Retry"
             self.logs.paniclog.panic(f"{q.binding}/{q.domain}: no host reachable: {detail}")
-            return None, []
+            return None, None
         return None, capped
 
-    def _release_host(self, key) -> None:
-        n = self.host_conns.get(key, 0) - 1
-        if n > 0:
-            self.host_conns[key] = n
-        else:
-            self.host_conns.pop(key, None)
-        waiters = self.host_waiters.pop(key, [])
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(True)
+    def _ehlo_name(self, q: DomainQueue) -> str:
+        """``EHLO_Hostname`` (spec §5): a literal, ``__hostname__`` or
+        ``__message__`` (the envelope sender's domain of the mail at hand)."""
+        value = self._lookup("EHLO_Hostname", q) or "__hostname__"
+        if value.lower() == "__hostname__":
+            return self.hostname
+        if value.lower() == "__message__":
+            sender = q.active[0].sender if q.active else ""
+            return sender.rpartition("@")[2] or self.hostname
+        return value
+
+    def suspended(self, q: DomainQueue) -> bool:
+        """``Suspend_Delivery`` in the queue's scope chain, or the default
+        binding held by ``Default_Binding = suspended``."""
+        if self._lookup("Suspend_Delivery", q):
+            return True
+        return q.binding == "default" and self.config.lookup("Default_Binding") == "suspended"
+
+    def _release_caps(self, keys) -> None:
+        for key in keys:
+            n = self.cap_counts.get(key, 0) - 1
+            if n > 0:
+                self.cap_counts[key] = n
+            else:
+                self.cap_counts.pop(key, None)
+            for fut in self.cap_waiters.pop(key, []):
+                if not fut.done():
+                    fut.set_result(True)
 
     async def _close_conn(self, conn: Connection | None) -> None:
         if conn is None:
             return
         await conn.quit()
-        key = getattr(conn, "host_key", None)
-        if key is not None:
-            conn.host_key = None
-            self._release_host(key)
+        keys, conn.cap_keys = conn.cap_keys, []
+        self._release_caps(keys)
 
-    async def _wait_for_host_slot(self, capped) -> None:
-        """Every usable host is at its cap: wait until one frees up."""
+    async def _wait_for_slot(self, capped) -> None:
+        """Every usable host or a shared cap is full: wait until one frees up."""
         fut = asyncio.get_running_loop().create_future()
         for key in capped:
-            self.host_waiters.setdefault(key, []).append(fut)
+            self.cap_waiters.setdefault(key, []).append(fut)
         try:
             await asyncio.wait_for(fut, 5.0)
         except asyncio.TimeoutError:
@@ -350,6 +418,8 @@ class Scheduler:
         starting = True
         try:
             while not self.stopping:
+                if q.active and self.suspended(q):
+                    return  # held in the active queue until the suspension is lifted
                 if not q.active:
                     if conn is None or conn.broken:
                         return
@@ -368,17 +438,42 @@ class Scheduler:
                     conn, capped = await self._connect(q, decision)
                     if conn is None:
                         if capped:
-                            await self._wait_for_host_slot(capped)
+                            await self._wait_for_slot(capped)
                             continue
+                        if capped is not None:
+                            continue  # throttled: we waited for the bucket; try again
                         self._fail_active(q, NO_MXS_REACHABLE, NOT_CONNECTED, "", 0, "")
                         return
                 if starting:
                     starting = False
                     q.starting -= 1
-                batch = self._take_batch(q)
-                if not batch:
+                limit = max(1, self._lookup("Max_Recipients_Per_Batch", q))
+                per_conn = self._lookup("Max_Recipients_Per_Connection", q)
+                if per_conn:
+                    limit = min(limit, max(1, per_conn - conn.rcpts_sent))
+                rate = self.config.throttle_bucket("Outbound_Throttle_Messages", domain=q.domain,
+                                                   binding=q.binding)
+                if rate is not None:
+                    limit = min(limit, rate[1][0])  # one batch never costs more than the burst
+                batch = self._take_batch(q, limit)
+                wait = await self._throttle_wait(q, "Outbound_Throttle_Messages", len(batch))
+                if wait > 0:
+                    # Throttled: the batch goes back to the head of the active
+                    # queue and is retried when the bucket refills (spec §6).
+                    for m in reversed(batch):
+                        m.state = "active"
+                        q.active.appendleft(m)
+                    if wait > self._lookup("Idle_Timeout", q):
+                        await self._close_conn(conn)
+                        conn = None
+                    await asyncio.sleep(wait)
                     continue
                 await self._deliver_batch(q, conn, batch)
+                max_deliveries = self._lookup("Max_Deliveries_Per_Connection", q)
+                if ((max_deliveries and conn.deliveries >= max_deliveries)
+                        or (per_conn and conn.rcpts_sent >= per_conn)):
+                    await self._close_conn(conn)
+                    conn = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never let one queue's bug stop the others
@@ -405,9 +500,8 @@ class Scheduler:
             except ValueError:
                 pass
 
-    def _take_batch(self, q: DomainQueue) -> list[QueuedMessage]:
-        """Messages sharing one body, up to ``Max_Recipients_Per_Batch``."""
-        limit = max(1, self._lookup("Max_Recipients_Per_Batch", q))
+    def _take_batch(self, q: DomainQueue, limit: int) -> list[QueuedMessage]:
+        """Messages sharing one body, at most ``limit`` of them."""
         first = q.active.popleft()
         batch = [first]
         while q.active and len(batch) < limit and q.active[0].batch_id == first.batch_id:

@@ -16,6 +16,7 @@ import socket
 import sys
 
 from .dns import ResolvConfError, Resolver
+from .binding import BindingAssigner
 from .listener import Listener
 from .logs import Logs
 from .scheduler import Scheduler
@@ -43,6 +44,7 @@ class Server:
         self.resolver = make_resolver(config)
         self.scheduler: Scheduler | None = None
         self.listeners: list[Listener] = []
+        self.assigner = BindingAssigner(config, self.logs.paniclog, config.lookup("Policy_Module"))
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -54,7 +56,7 @@ class Server:
                         f"queued messages from {self.spool.path}")
         for lc in self.config.listeners:
             listener = Listener(lc, self.config, self.spool, self.logs, self.scheduler.submit,
-                                hostname=self.hostname)
+                                hostname=self.hostname, assigner=self.assigner)
             await listener.start()
             self.listeners.append(listener)
             print(f"impetus: listening on {lc.address}", flush=True)
@@ -96,6 +98,6 @@ def serve(config, config_path: str) -> int:
     install_loop()
     try:
         return asyncio.run(Server(config, config_path).run())
-    except (OSError, ResolvConfError, SpoolError) as exc:
+    except (OSError, ResolvConfError, SpoolError, ValueError) as exc:
         print(f"impetus: cannot start: {exc}", file=sys.stderr)
         return 1
