@@ -60,6 +60,21 @@ class DomainQueue:
         self.dns_failures = 0  # consecutive transient DNS failures (MX_Failures_Fallback_To_A, DNS_Failures_To_Purge)
 
 
+def should_open_connection(active: int, conns: int, starting: int, limit, aggressiveness: str) -> bool:
+    """Whether a queue with ``active`` waiting messages and no idle
+    connection gets one more connection (``Connection_Allocation_Aggressiveness``).
+
+    ``normal`` ramps up one connection at a time: a new one only once the
+    previous one is established and busy. ``high`` opens one per waiting
+    message at once. Both stop at ``Max_Outbound_Connections``.
+    """
+    if active <= 0 or (limit is not None and 0 < limit <= conns):
+        return False
+    if aggressiveness == "high":
+        return active > starting
+    return starting == 0
+
+
 def max_retries_auto(retry_interval: int, max_retry_interval: int, expiration: int) -> int:
     """D13: how many doubling retry intervals fit inside the expiration."""
     total, count, interval = 0, 0, max(1, retry_interval)
@@ -219,10 +234,9 @@ class Scheduler:
             if not fut.done():
                 fut.set_result(True)
                 return
-        limit = self._lookup("Max_Outbound_Connections", q)
-        if limit is None or limit <= 0:
-            limit = 1 << 30
-        if q.conns < limit and (q.starting == 0 or len(q.active) > q.starting):
+        if should_open_connection(len(q.active), q.conns, q.starting,
+                                  self._lookup("Max_Outbound_Connections", q),
+                                  self._lookup("Connection_Allocation_Aggressiveness", q)):
             q.conns += 1
             q.starting += 1
             task = asyncio.create_task(self._worker(q))
@@ -447,6 +461,8 @@ class Scheduler:
                 if starting:
                     starting = False
                     q.starting -= 1
+                    if len(q.active) > 1:
+                        self._kick(q)  # ramp up: the next connection may start now
                 limit = max(1, self._lookup("Max_Recipients_Per_Batch", q))
                 per_conn = self._lookup("Max_Recipients_Per_Connection", q)
                 if per_conn:

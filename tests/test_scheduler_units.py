@@ -19,3 +19,15 @@ def test_body_cache_is_bounded():
     assert c.get("9") == b"x" * 200 and c.get("0") is None
     c.drop("9")
     assert c.get("9") is None
+
+
+def test_connection_allocation_aggressiveness():
+    from impetus.scheduler import should_open_connection as grow
+    assert not grow(0, 0, 0, 32, "normal")            # nothing to send
+    assert grow(5, 0, 0, 32, "normal")                # first connection
+    assert not grow(5, 1, 1, 32, "normal")            # normal: one being set up at a time
+    assert grow(5, 1, 0, 32, "normal")                # ...then the next
+    assert grow(5, 3, 3, 32, "high")                  # high: one per waiting message
+    assert not grow(3, 3, 3, 32, "high")
+    assert not grow(50, 2, 0, 2, "high")              # Max_Outbound_Connections
+    assert grow(50, 100, 0, 0, "normal")              # 0 = no limit
