@@ -472,6 +472,8 @@ class Scheduler:
                 if rate is not None:
                     limit = min(limit, rate[1][0])  # one batch never costs more than the burst
                 batch = self._take_batch(q, limit)
+                if not batch:
+                    continue  # another worker emptied the queue while we routed/connected
                 wait = await self._throttle_wait(q, "Outbound_Throttle_Messages", len(batch))
                 if wait > 0:
                     # Throttled: the batch goes back to the head of the active
@@ -518,6 +520,8 @@ class Scheduler:
 
     def _take_batch(self, q: DomainQueue, limit: int) -> list[QueuedMessage]:
         """Messages sharing one body, at most ``limit`` of them."""
+        if not q.active:
+            return []
         first = q.active.popleft()
         batch = [first]
         while q.active and len(batch) < limit and q.active[0].batch_id == first.batch_id:

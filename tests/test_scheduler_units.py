@@ -31,3 +31,10 @@ def test_connection_allocation_aggressiveness():
     assert not grow(3, 3, 3, 32, "high")
     assert not grow(50, 2, 0, 2, "high")              # Max_Outbound_Connections
     assert grow(50, 100, 0, 0, "normal")              # 0 = no limit
+
+
+def test_take_batch_from_an_emptied_queue_returns_nothing():
+    """Two workers may route/connect at once; the second finds the queue empty."""
+    from impetus.scheduler import DomainQueue, Scheduler
+    q = DomainQueue("default", "example.test")
+    assert Scheduler._take_batch(None, q, 10) == []
