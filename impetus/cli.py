@@ -39,7 +39,8 @@ def cmd_serve(args) -> int:
     if config is None:
         return 1
     from .server import serve
-    return serve(config, args.config)
+    return serve(config, args.config, reception_processes=args.reception_processes,
+                 role=args.role, shard=args.shard, notify=args.notify)
 
 
 def cmd_route(args) -> int:
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the MTA in the foreground")
     s.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    s.add_argument("--reception-processes", type=int, default=0, metavar="N",
+                   help="receive in N separate processes sharing the listening port, each "
+                        "owning a spool shard (0: receive in the main process)")
+    s.add_argument("--role", choices=("all", "reception"), default="all", help=argparse.SUPPRESS)
+    s.add_argument("--shard", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--notify", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("check-config", help="validate a configuration file")

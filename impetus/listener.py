@@ -81,7 +81,7 @@ class RelayPolicy(Policy):
 
 class Listener:
     def __init__(self, lc, config, spool: Spool, logs, on_spooled, *, hostname: str,
-                 assigner):
+                 assigner, reuse_port: bool = False):
         self.lc = lc
         self.config = config
         self.spool = spool
@@ -90,6 +90,7 @@ class Listener:
         self.hostname = hostname
         self.connids = IdGenerator(shard=98)
         self.server = None
+        self.reuse_port = reuse_port  # several reception processes share the port
         self.connections: set = set()
         self.committing = 0
         self.policy = RelayPolicy(lc.lookup("Relay_Hosts"), config.lookup("Relay_Domains"),
@@ -101,7 +102,7 @@ class Listener:
     async def start(self) -> None:
         self.server = await smtp_serve.start_server(
             self.lc.host, self.lc.port, self.settings, self._policy_for, self._on_message,
-            idle_timeout=300, connections=self.connections)
+            idle_timeout=300, connections=self.connections, reuse_port=self.reuse_port or None)
 
     def _policy_for(self, *args):
         return self.policy

@@ -133,6 +133,7 @@ class Scheduler:
         self.bodies = BodyCache()
         self.stopping = False
         self._routing: dict[tuple[str, str], str] = {}
+        self.index: dict[str, QueuedMessage] = {}  # every message the scheduler owns
         self.cap_counts: dict[tuple, int] = {}   # cap key -> open connections
         self.cap_waiters: dict[tuple, list] = {}
         self.limiter = throttle.MemoryLimiter()
@@ -157,7 +158,23 @@ class Scheduler:
         if body is not None and msgs:
             self.bodies.put(msgs[0].batch_id, body)
         for msg in msgs:
-            self._activate(msg)
+            if msg.msgid not in self.index:
+                self._activate(msg)
+
+    def adopt(self, msgs: list[QueuedMessage]) -> int:
+        """Spooled messages the scheduler may not know (a reception process
+        died between its commit and its notification): take the unknown ones."""
+        now = time.time()
+        n = 0
+        for msg in msgs:
+            if msg.msgid in self.index:
+                continue
+            n += 1
+            if msg.next_attempt > now:
+                self._delay(msg)
+            else:
+                self._activate(msg)
+        return n
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop starting work; let in-flight transactions finish within ``grace``."""
@@ -194,6 +211,7 @@ class Scheduler:
         return q
 
     def _activate(self, msg: QueuedMessage) -> None:
+        self.index[msg.msgid] = msg
         q = self.queue_for(msg.binding, msg.domain)
         if msg.state == "delayed":
             q.delayed -= 1
@@ -202,6 +220,7 @@ class Scheduler:
         self._kick(q)
 
     def _delay(self, msg: QueuedMessage) -> None:
+        self.index[msg.msgid] = msg
         q = self.queue_for(msg.binding, msg.domain)
         msg.state = "delayed"
         q.delayed += 1
@@ -578,6 +597,7 @@ class Scheduler:
     def _finish(self, msgs: list[QueuedMessage]) -> None:
         for m in msgs:
             m.state = "done"
+            self.index.pop(m.msgid, None)
         self._background_task(self.spool.finish(msgs))
 
     def _fail_active(self, q: DomainQueue, reply: Reply, stage: int, connid: str,

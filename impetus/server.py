@@ -20,7 +20,8 @@ from .binding import BindingAssigner
 from .listener import Listener
 from .logs import Logs
 from .scheduler import Scheduler
-from .spool import Spool, SpoolError
+from . import ipc
+from .spool import Spool, SpoolError, SpoolSet
 
 log = logging.getLogger("impetus")
 
@@ -35,15 +36,25 @@ def make_logs(config) -> Logs:
 
 
 class Server:
-    def __init__(self, config, config_path: str):
+    """The main process: scheduler (single owner of queue state), delivery,
+    and either the listeners too (``reception_processes == 0``) or N
+    reception child processes, each owning spool shard 1..N."""
+
+    def __init__(self, config, config_path: str, reception_processes: int = 0):
         self.config = config
         self.config_path = config_path
+        self.reception_processes = reception_processes
         self.hostname = config.lookup("Hostname") or socket.gethostname()
         self.logs = make_logs(config)
-        self.spool = Spool(config.lookup("Spoolbase"))
+        spoolbase = config.lookup("Spoolbase")
+        self.spool = SpoolSet(spoolbase, own=0, shards=range(1, reception_processes + 1))
+        self.notify_path = os.path.join(spoolbase, "notify.sock")
         self.resolver = make_resolver(config)
         self.scheduler: Scheduler | None = None
         self.listeners: list[Listener] = []
+        self.children: dict[int, asyncio.subprocess.Process] = {}
+        self.child_tasks: list[asyncio.Task] = []
+        self.notify_server = None
         self.assigner = BindingAssigner(config, self.logs.paniclog, config.lookup("Policy_Module"))
         self.stopped = asyncio.Event()
 
@@ -53,20 +64,68 @@ class Server:
                                    hostname=self.hostname)
         recovered = await self.scheduler.start()
         self.logs.paniclog.panic(f"impetus starting (pid {os.getpid()}), recovered {recovered} "
-                        f"queued messages from {self.spool.path}")
-        for lc in self.config.listeners:
-            listener = Listener(lc, self.config, self.spool, self.logs, self.scheduler.submit,
-                                hostname=self.hostname, assigner=self.assigner)
-            await listener.start()
-            self.listeners.append(listener)
-            print(f"impetus: listening on {lc.address}", flush=True)
+                                 f"queued messages from {self.spool.spoolbase}")
+        if self.reception_processes:
+            self.notify_server = await ipc.serve_notifications(
+                self.notify_path, self.scheduler.submit, lambda: None)
+            for shard in range(1, self.reception_processes + 1):
+                await self._spawn(shard)
+                self.child_tasks.append(asyncio.create_task(self._supervise(shard)))
+        else:
+            for lc in self.config.listeners:
+                listener = Listener(lc, self.config, self.spool, self.logs, self.scheduler.submit,
+                                    hostname=self.hostname, assigner=self.assigner)
+                await listener.start()
+                self.listeners.append(listener)
+                print(f"impetus: listening on {lc.address}", flush=True)
         print(f"impetus: started, {recovered} messages recovered from the spool", flush=True)
 
+    async def _spawn(self, shard: int) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "impetus.cli", "serve", "-c", self.config_path,
+            "--role", "reception", "--shard", str(shard), "--notify", self.notify_path,
+            stdin=asyncio.subprocess.DEVNULL)
+        self.children[shard] = proc
+        # Wait until it listens (it prints nothing we parse; poll its notify connection).
+        await asyncio.sleep(0)
+
+    async def _supervise(self, shard: int) -> None:
+        """Restart a reception process that died; adopt what it had committed."""
+        while not self.stopped.is_set():
+            proc = self.children[shard]
+            rc = await proc.wait()
+            if self.stopped.is_set():
+                return
+            self.logs.paniclog.panic(f"reception process for shard {shard} (pid {proc.pid}) "
+                                     f"exited with {rc}; restarting it")
+            adopted = self.scheduler.adopt(self.spool.recover_shard(shard))
+            if adopted:
+                self.logs.paniclog.panic(f"adopted {adopted} message(s) from shard {shard}")
+            await asyncio.sleep(1.0)
+            await self._spawn(shard)
+
     async def stop(self) -> None:
+        self.stopped.set()
         for listener in self.listeners:
             await listener.stop_accepting()
+        for proc in self.children.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
         for listener in self.listeners:
             await listener.drain(grace=10.0)
+        for shard, proc in self.children.items():
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in self.child_tasks:
+            task.cancel()
+        if self.notify_server is not None:
+            self.notify_server.close()
+        if self.reception_processes:
+            # Anything committed but not yet notified is still in the shards.
+            self.scheduler.adopt(self.spool.recover())
         if self.scheduler is not None:
             await self.scheduler.stop(grace=10.0)
         self.spool.close()
@@ -74,13 +133,51 @@ class Server:
         self.logs.close()
 
     async def run(self) -> int:
-        await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopped.set)
+        await self.start()
         await self.stopped.wait()
         print("impetus: shutting down", flush=True)
         await self.stop()
+        return 0
+
+
+class ReceptionProcess:
+    """A reception child: listeners (SO_REUSEPORT) + its own spool shard;
+    tells the main process about every committed transaction."""
+
+    def __init__(self, config, shard: int, notify_path: str):
+        self.config = config
+        self.hostname = config.lookup("Hostname") or socket.gethostname()
+        self.logs = make_logs(config)
+        self.spool = Spool(config.lookup("Spoolbase"), shard)
+        self.notifier = ipc.Notifier(notify_path)
+        self.assigner = BindingAssigner(config, self.logs.paniclog, config.lookup("Policy_Module"))
+        self.listeners: list[Listener] = []
+        self.stopped = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopped.set)
+        self.spool.open()
+        await self.notifier.connect()
+        for lc in self.config.listeners:
+            listener = Listener(lc, self.config, self.spool, self.logs, self.notifier.notify,
+                                hostname=self.hostname, assigner=self.assigner, reuse_port=True)
+            await listener.start()
+            self.listeners.append(listener)
+        lost = asyncio.create_task(self.notifier.lost.wait())
+        stop = asyncio.create_task(self.stopped.wait())
+        await asyncio.wait([lost, stop], return_when=asyncio.FIRST_COMPLETED)
+        for listener in self.listeners:
+            await listener.stop_accepting()
+        for listener in self.listeners:
+            await listener.drain(grace=10.0)
+        await self.notifier.close()
+        self.spool.close()
+        self.logs.close()
         return 0
 
 
@@ -92,12 +189,15 @@ def install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def serve(config, config_path: str) -> int:
+def serve(config, config_path: str, *, reception_processes: int = 0, role: str = "all",
+          shard: int = 0, notify: str | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="impetus: %(levelname)s %(name)s: %(message)s")
     install_loop()
     try:
-        return asyncio.run(Server(config, config_path).run())
+        if role == "reception":
+            return asyncio.run(ReceptionProcess(config, shard, notify).run())
+        return asyncio.run(Server(config, config_path, reception_processes).run())
     except (OSError, ResolvConfError, SpoolError, ValueError) as exc:
         print(f"impetus: cannot start: {exc}", file=sys.stderr)
         return 1

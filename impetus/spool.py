@@ -319,3 +319,91 @@ def _resolve(fut: asyncio.Future, error: Exception | None) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(error)
+
+
+def shard_of(msg_or_batch_id: str) -> int:
+    """The shard encoded in an id (``NN/SS-PID-COUNTER``)."""
+    try:
+        return int(msg_or_batch_id[3:5])
+    except ValueError:
+        return 0
+
+
+class SpoolSet:
+    """Several shards behind the ``Spool`` interface, for the scheduler.
+
+    Reception processes each own one shard (they insert); the scheduler
+    process finishes and reschedules messages in whichever shard holds them
+    (SQLite serialises the two writers per file). New mail written by the
+    scheduler itself (bounces) goes to ``own``.
+    """
+
+    def __init__(self, spoolbase: str, own: int = 0, shards=()):
+        self.spoolbase = spoolbase
+        self.own = own
+        self.shards: dict[int, Spool] = {}
+        for n in sorted({own, *shards, *self.existing_shards(spoolbase)}):
+            self.shards[n] = Spool(spoolbase, n)
+        self.ids = self.shards[own].ids
+        self.path = self.shards[own].path
+
+    @staticmethod
+    def existing_shards(spoolbase: str) -> list[int]:
+        try:
+            names = os.listdir(spoolbase)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.startswith("spool-") and name.endswith(".db"):
+                try:
+                    out.append(int(name[6:-3]))
+                except ValueError:
+                    pass
+        return out
+
+    def open(self) -> None:
+        for s in self.shards.values():
+            s.open()
+
+    def close(self) -> None:
+        for s in self.shards.values():
+            s.close()
+
+    def _shard(self, some_id: str) -> "Spool":
+        return self.shards.get(shard_of(some_id)) or self.shards[self.own]
+
+    def recover(self) -> list[QueuedMessage]:
+        msgs = [m for s in self.shards.values() for m in s.recover()]
+        msgs.sort(key=lambda m: m.received_at)
+        return msgs
+
+    def recover_shard(self, shard: int) -> list[QueuedMessage]:
+        return self.shards[shard].recover() if shard in self.shards else []
+
+    def body(self, batch_id: str) -> bytes:
+        return self._shard(batch_id).body(batch_id)
+
+    def count(self) -> int:
+        return sum(s.count() for s in self.shards.values())
+
+    async def accept(self, sub: Submission) -> list[QueuedMessage]:
+        return await self.shards[self.own].accept(sub)
+
+    async def _by_shard(self, method: str, msgs) -> None:
+        groups: dict[int, list] = {}
+        for m in msgs:
+            groups.setdefault(shard_of(m.msgid), []).append(m)
+        for n, group in groups.items():
+            spool = self.shards.get(n) or self.shards[self.own]
+            await getattr(spool, method)(group)
+
+    async def finish(self, msgs) -> None:
+        await self._by_shard("finish", msgs)
+
+    async def reschedule(self, msgs) -> None:
+        await self._by_shard("reschedule", msgs)
+
+    @property
+    def commits(self) -> int:
+        return sum(s.commits for s in self.shards.values())

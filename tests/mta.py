@@ -79,9 +79,11 @@ class MTA:
     """An ``impetus serve`` process with its own spool and logs under ``workdir``."""
 
     def __init__(self, workdir: Path, resolv_conf: str, body: str = "", *, port: int | None = None,
-                 relay_hosts: str = '"127.0.0.0/8"', extra_global: str = ""):
+                 relay_hosts: str = '"127.0.0.0/8"', extra_global: str = "",
+                 serve_args: tuple[str, ...] = ()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.serve_args = tuple(serve_args)
         self.port = port or free_port()
         self.spool = self.workdir / "spool"
         self.mainlog = LogFile(self.workdir / "mainlog.ec")
@@ -114,7 +116,8 @@ ESMTP_Listener {{
     def start(self, timeout: float = 15.0) -> "MTA":
         out = open(self.output, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "impetus.cli", "serve", "-c", str(self.config_path)],
+            [sys.executable, "-m", "impetus.cli", "serve", "-c", str(self.config_path),
+             *self.serve_args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         out.close()
 
