@@ -622,7 +622,9 @@ def run(args):
             time.sleep(0.05)
         target = sink_port
         if not direct:
-            mta_cmd = impetus_cmd("serve", "-c", conf)
+            mta_cmd = impetus_cmd("serve", "-c", conf,
+                                  *(["--reception-processes", str(args.reception_processes)]
+                                    if args.reception_processes else []))
             res["mta_cmd"] = f"PYTHONPATH={CODE['dir']} " + " ".join(mta_cmd)
             with open(os.path.join(work, "serve.out"), "wb") as out:
                 mta = subprocess.Popen(mta_cmd, stdout=out, stderr=subprocess.STDOUT,
@@ -929,6 +931,8 @@ def main(argv=None):
                          "smtp-source: Postfix's, as in the Postfix baseline (no latencies)")
     ap.add_argument("--direct", action="store_true",
                     help="no MTA: load generator -> sink (the harness ceiling)")
+    ap.add_argument("--reception-processes", type=int, default=0, metavar="N",
+                    help="impetus serve --reception-processes N (default 0: one process)")
     ap.add_argument("--max-outbound", type=int, default=20, help="Max_Outbound_Connections (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=180, help="whole-run limit in s (default %(default)s)")
     ap.add_argument("--quiet-wait", type=float, default=20,

@@ -279,6 +279,9 @@ class LogFile:
     def _open(self) -> int:
         assert self.path is not None
         flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, mode=0o755, exist_ok=True)  # e.g. /var/log/impetus on a new host
         try:
             fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, self.mode)
         except FileExistsError:

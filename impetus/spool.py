@@ -23,6 +23,7 @@ import os
 import queue
 import random
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -186,13 +187,27 @@ class Spool:
 
     # -- reads -----------------------------------------------------------
     def recover(self) -> list[QueuedMessage]:
-        """Every unfinished message, oldest first."""
+        """Every unfinished message, oldest first.
+
+        Streams the rows and interns the strings that repeat across messages
+        (domains, bindings, senders, peers), so a million queued messages fit
+        in a few hundred MB.
+        """
+        intern = sys.intern
+        out = []
         with self._read_lock:
-            rows = self._read_db.execute(
+            cur = self._read_db.execute(
                 "SELECT msgid, batch_id, sender, rcpt, domain, binding, grp, received_at,"
                 " retries, next_attempt, size, peer_ip, proto, helo FROM messages"
-                " ORDER BY received_at").fetchall()
-        return [QueuedMessage(*row) for row in rows]
+                " ORDER BY received_at")
+            while rows := cur.fetchmany(10000):
+                for (msgid, batch_id, sender, rcpt, domain, binding, grp, received_at, retries,
+                     next_attempt, size, peer_ip, proto, helo) in rows:
+                    out.append(QueuedMessage(msgid, intern(batch_id), intern(sender), rcpt,
+                                             intern(domain), intern(binding), intern(grp),
+                                             received_at, retries, next_attempt, size,
+                                             intern(peer_ip), intern(proto), intern(helo)))
+        return out
 
     def body(self, batch_id: str) -> bytes:
         with self._read_lock:

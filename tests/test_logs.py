@@ -357,6 +357,7 @@ def test_reopen_failure_keeps_old_file(tmp_path, caplog):
     p = d / "m"
     ml = MainLog(p, clock=clock)
     os.rename(d, tmp_path / "moved")
+    (tmp_path / "dir").write_text("a file where the log directory was")
     assert ml.reopen() is False
     assert "cannot reopen" in caplog.text
     ml.heartbeat()
@@ -574,3 +575,12 @@ def test_classify_bounce(code, enhanced, text, expected):
 @given(st.integers(0, 699), st.one_of(st.none(), st.text(max_size=12)), st.text())
 def test_classify_bounce_total(code, enhanced, text):
     assert classify_bounce(code, enhanced, text) in L.BOUNCE_CLASSES
+
+
+def test_missing_log_directory_is_created(tmp_path):
+    from impetus.logs import MainLog
+    path = tmp_path / "var" / "log" / "impetus" / "mainlog.ec"
+    log = MainLog(str(path))
+    log.heartbeat()
+    log.close()
+    assert path.read_text().endswith("@@@@M\n")
