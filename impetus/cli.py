@@ -62,6 +62,16 @@ def cmd_route(args) -> int:
     return 0 if decision.failure is None else 2
 
 
+def cmd_console(args) -> int:
+    from .console import run_console
+    return run_console(args)
+
+
+def cmd_top(args) -> int:
+    from .top import cmd_top as run
+    return run(args)
+
+
 def cmd_sink(args) -> int:
     from .sink import run_sink
     return run_sink(args)
@@ -95,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--binding", default="default")
     s.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     s.set_defaults(func=cmd_route)
+
+    from .console import add_arguments as add_console_arguments
+    s = sub.add_parser("console", help="the control console (batch with a COMMAND, else interactive)",
+                       description="Talk to a running impetus over its Control_Listener. "
+                                   "With COMMAND: run it and exit (0 ok, 1 failed, 2 cannot "
+                                   "connect); without: interactive, with history and completion.")
+    add_console_arguments(s)
+    s.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND ...")
+    s.set_defaults(func=cmd_console)
+
+    s = sub.add_parser("top", help="live view of queues, rates and connections")
+    add_console_arguments(s)
+    s.add_argument("-i", "--interval", type=float, default=2.0, help="seconds between refreshes")
+    s.add_argument("--once", action="store_true", help="print one frame and exit")
+    s.set_defaults(func=cmd_top)
 
     from .sink import add_sink_parser
     add_sink_parser(sub)

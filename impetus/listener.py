@@ -7,6 +7,7 @@ received message into a durable spool entry before the 250 goes out.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import ipaddress
 import logging
@@ -138,6 +139,22 @@ class Listener:
                               m.size, proto, m.group, m.binding)
         self.on_spooled(msgs, body)
         return Reply(250, "2.0.0", f"Ok: queued as {batch_id}")
+
+    def reload(self, lc, config, assigner) -> None:
+        """``config reload`` (D20): sessions opened from now on get the relay
+        policy, limits and settings of the new configuration (the listening
+        address itself needs a restart). Built by a fresh ``Listener`` so
+        whatever ``__init__`` derives from the config is re-derived."""
+        fresh = Listener(lc, config, self.spool, self.logs, self.on_spooled,
+                         hostname=self.hostname, assigner=assigner, reuse_port=self.reuse_port)
+        runtime = {"server", "connections", "committing", "settings", "spool", "logs",
+                   "on_spooled", "reuse_port"}
+        for name, value in vars(fresh).items():
+            if name not in runtime:
+                setattr(self, name, value)
+        # The running server holds this settings object: update it in place.
+        for f in dataclasses.fields(self.settings):
+            setattr(self.settings, f.name, getattr(fresh.settings, f.name))
 
     async def stop_accepting(self) -> None:
         if self.server is not None:

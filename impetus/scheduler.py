@@ -139,6 +139,7 @@ class Scheduler:
         self.limiter = throttle.MemoryLimiter()
         self.cluster_limiter = throttle.make_limiter(config.lookup("Cluster_Throttle_Store"))
         self.stats = {"delivered": 0, "transient": 0, "permanent": 0, "bounces": 0}
+        self._control_init()  # console counters, open connections, metrics (see the end)
 
     # -- entry points --------------------------------------------------------
     async def start(self) -> int:
@@ -159,6 +160,7 @@ class Scheduler:
             self.bodies.put(msgs[0].batch_id, body)
         for msg in msgs:
             if msg.msgid not in self.index:
+                self._count("received", msg)
                 self._activate(msg)
 
     def adopt(self, msgs: list[QueuedMessage]) -> int:
@@ -170,6 +172,7 @@ class Scheduler:
             if msg.msgid in self.index:
                 continue
             n += 1
+            self._count("received", msg)
             if msg.next_attempt > now:
                 self._delay(msg)
             else:
@@ -431,6 +434,7 @@ class Scheduler:
     async def _close_conn(self, conn: Connection | None) -> None:
         if conn is None:
             return
+        self.open_conns.pop(conn, None)
         await conn.quit()
         keys, conn.cap_keys = conn.cap_keys, []
         self._release_caps(keys)
@@ -469,6 +473,8 @@ class Scheduler:
                 if conn is None or conn.broken:
                     await self._close_conn(conn)
                     conn, capped = await self._connect(q, decision)
+                    if conn is not None:
+                        self.open_conns[conn] = q  # for the console's `domain` view
                     if conn is None:
                         if capped:
                             await self._wait_for_slot(capped)
@@ -589,6 +595,8 @@ class Scheduler:
         if delivered:
             q.delivered += len(delivered)
             self.stats["delivered"] += len(delivered)
+            for m in delivered:
+                self._count("delivered", m)
             self._finish(delivered)
         if permanent:
             self._permanent_many(permanent)
@@ -638,6 +646,7 @@ class Scheduler:
                                  last_response=reply)
             return
         self.stats["transient"] += 1
+        self._count("transient", m)
         self.logs.mainlog.transient(m.msgid, m.batch_id, connid, m.domain, bytes_sent, m.group,
                                     m.binding, stage, m.retries, now - m.received_at,
                                     remote_ip, str(reply))
@@ -650,12 +659,14 @@ class Scheduler:
         self._delay(m)
         self._background_task(self.spool.reschedule([m]))
 
-    def _permanent_many(self, failures, last_response: Reply | None = None) -> None:
+    def _permanent_many(self, failures, last_response: Reply | None = None,
+                        bounce: bool = True) -> None:
         """Log ``P`` + bouncelog ``B`` lines, bounce per original transaction, forget."""
         now = time.time()
         by_batch: dict[str, list] = {}
         for m, reply, stage, connid, bytes_sent, remote_ip in failures:
             self.stats["permanent"] += 1
+            self._count("permanent", m)
             q = self.queue_for(m.binding, m.domain)
             if q is not None:
                 q.failed += 1
@@ -669,7 +680,7 @@ class Scheduler:
             by_batch.setdefault(m.batch_id, []).append((m, reply, remote_ip))
         for batch_id, items in by_batch.items():
             first = items[0][0]
-            if should_bounce(first.sender) and self.config.lookup(
+            if bounce and should_bounce(first.sender) and self.config.lookup(
                     "Generate_Bounces", domain=first.domain, binding=first.binding):
                 try:
                     self._bounce(items, last_response)
@@ -716,6 +727,242 @@ class Scheduler:
         conns = sum(q.conns for q in self.queues.values())
         return {"active": active, "delayed": delayed, "connections": conns,
                 "domains": len(self.queues), **self.stats}
+
+    # -- control surface (console) ----------------------------------------------
+    # Queries and commands for ``impetus.control`` (issue 7): counters, flush,
+    # fail, retry, reroute, rebind, refresh, and the views behind `summary`,
+    # `domain`, `active`, `mailq`, `showqueue`. Everything here runs on the
+    # event loop, like the rest of the scheduler. The code above feeds it
+    # through one-line hooks: ``_count`` and ``open_conns``.
+    def _control_init(self) -> None:
+        from collections import Counter
+        self.started_at = time.time()
+        self.stats_reset_at = self.started_at
+        self.stats["received"] = 0
+        self.bounces_before_reset = 0
+        #: (event, binding, recipient domain) -> count since the last `summary reset`
+        self.counters: Counter = Counter()
+        #: open outbound connections -> their queue (the `domain` view)
+        self.open_conns: dict = {}
+        #: impetus.metrics.Metrics when the server exports metrics
+        self.metrics = None
+
+    def _count(self, event: str, m: QueuedMessage, n: int = 1) -> None:
+        """``received``/``delivered``/``transient``/``permanent`` of one message."""
+        self.counters[(event, m.binding, m.domain)] += n
+        if event == "received":
+            self.stats["received"] += n
+        if self.metrics is not None:
+            self.metrics.count(event, m.binding, m.domain, n)
+
+    def reset_stats(self) -> None:
+        self.bounces_before_reset += self.stats["bounces"]  # metrics stay monotonic
+        for k in self.stats:
+            self.stats[k] = 0
+        self.counters.clear()
+        self.stats_reset_at = time.time()
+
+    def domain_matches(self, q: DomainQueue, m: QueuedMessage | None, domain: str) -> bool:
+        """``all``, the queue name (routing domain) or the recipient domain."""
+        if domain == "all":
+            return True
+        if q.domain == domain:
+            return True
+        return m.domain == domain if m is not None else q.plan_domain == domain
+
+    def select(self, *, domain: str = "all", binding: str | None = None,
+               states=("active", "delayed")) -> list[tuple[DomainQueue, QueuedMessage]]:
+        """Queued messages of ``domain`` (and ``binding``), with their queue.
+        Messages in flight are never selected for a command."""
+        domain = domain.lower().rstrip(".") if domain != "all" else domain
+        out = []
+        if "active" in states:
+            for q in list(self.queues.values()):
+                if binding is not None and q.binding != binding:
+                    continue
+                for m in q.active:
+                    if self.domain_matches(q, m, domain):
+                        out.append((q, m))
+        if "delayed" in states:
+            for _, _, m in self.delayed:
+                if m.state != "delayed" or (binding is not None and m.binding != binding):
+                    continue
+                q = self.queue_for(m.binding, m.domain)
+                if self.domain_matches(q, m, domain):
+                    out.append((q, m))
+        return out
+
+    def _unqueue(self, picked: list[tuple[DomainQueue, QueuedMessage]]) -> list[QueuedMessage]:
+        """Take messages out of their active deque / the delayed heap."""
+        active_ids = {id(m) for q, m in picked if m.state == "active"}
+        delayed_ids = {id(m) for q, m in picked if m.state == "delayed"}
+        if active_ids:
+            for q in {q for q, m in picked if m.state == "active"}:
+                q.active = deque(m for m in q.active if id(m) not in active_ids)
+        if delayed_ids:
+            self.delayed = [e for e in self.delayed if id(e[2]) not in delayed_ids]
+            heapq.heapify(self.delayed)
+            self._timer_wake.set()
+        out = []
+        for q, m in picked:
+            if m.state == "delayed":
+                q.delayed -= 1
+            m.state = "new"
+            out.append(m)
+        return out
+
+    def flush(self, domain: str = "all", binding: str | None = None) -> int:
+        """Make delayed mail due now (`flush domain`, `binding flush domain`)."""
+        msgs = self._unqueue(self.select(domain=domain, binding=binding, states=("delayed",)))
+        now = time.time()
+        for m in msgs:
+            m.next_attempt = now
+            self._activate(m)
+        return len(msgs)
+
+    def fail(self, picked, reply: Reply, *, quiet: bool = False) -> int:
+        """Fail queued messages permanently (P + bouncelog; a bounce per
+        ``Generate_Bounces`` unless ``quiet``)."""
+        msgs = self._unqueue(picked)
+        if msgs:
+            self._permanent_many([(m, reply, NOT_CONNECTED, "", 0, "") for m in msgs],
+                                 bounce=not quiet)
+        return len(msgs)
+
+    def find(self, msgid: str) -> QueuedMessage | None:
+        return self.index.get(msgid)
+
+    def retry(self, msgid: str) -> str:
+        """`message retry`: a delayed message becomes due now."""
+        m = self.index.get(msgid)
+        if m is None:
+            return "unknown"
+        if m.state != "delayed":
+            return m.state
+        [m] = self._unqueue([(self.queue_for(m.binding, m.domain), m)])
+        m.next_attempt = time.time()
+        self._activate(m)
+        return "retried"
+
+    def reroute(self, src: str, dst: str, binding: str | None = None) -> int:
+        """`reroute queue`: queued mail of recipient domain ``src`` goes to
+        ``dst``'s queue (and route); recipients are unchanged."""
+        dst = dst.lower().rstrip(".")
+        picked = [(q, m) for q, m in self.select(domain=src, binding=binding)
+                  if m.domain == src.lower().rstrip(".")]
+        states = {id(m): m.state for _, m in picked}
+        for m in self._unqueue(picked):
+            m.domain = dst
+            if states[id(m)] == "delayed":
+                self._delay(m)
+            else:
+                self._activate(m)
+        return len(picked)
+
+    def rebind(self, binding: str, choose, domain: str = "all") -> dict[str, int]:
+        """`rebind`: ``choose(msg) -> new binding`` for queued mail on ``binding``."""
+        moved: dict[str, int] = {}
+        picked = self.select(domain=domain, binding=binding)
+        changes = [(q, m, choose(m)) for q, m in picked]
+        changes = [(q, m, b) for q, m, b in changes if b and b != m.binding]
+        states = {id(m): m.state for _, m, _ in changes}
+        self._unqueue([(q, m) for q, m, _ in changes])
+        for _, m, new in changes:
+            m.binding = new
+            m.group = self.config.group_of(new)
+            moved[new] = moved.get(new, 0) + 1
+            if states[id(m)] == "delayed":
+                self._delay(m)
+            else:
+                self._activate(m)
+        return moved
+
+    def recount_delayed(self) -> None:
+        """Recompute each queue's delayed count from the heap (after a reload
+        changed routing domains: a delayed message wakes up in its new queue)."""
+        for q in self.queues.values():
+            q.delayed = 0
+        for _, _, m in self.delayed:
+            if m.state == "delayed":
+                self.queue_for(m.binding, m.domain).delayed += 1
+
+    def apply_config(self, config) -> None:
+        """Hot reload (D20): new values apply to new decisions. Routing
+        domains are recomputed for new mail; cached routes live out their
+        TTL (`refresh domain` drops them); held queues are kicked in case
+        ``Suspend_Delivery`` was lifted."""
+        self.config = config
+        self._routing.clear()
+        self.recount_delayed()
+        for q in list(self.queues.values()):
+            if q.active:
+                self._kick(q)
+
+    def _idle_close(self, q: DomainQueue) -> None:
+        while q.idle:
+            fut = q.idle.popleft()
+            if not fut.done():
+                fut.set_result(False)
+
+    async def refresh(self, domain: str = "all") -> list[DomainQueue]:
+        """`refresh domain`: drop the route-cache entry (and the DNS answers
+        it was built from), close idle connections, and re-resolve now."""
+        domain = domain.lower().rstrip(".") if domain != "all" else domain
+        qs = [q for q in self.queues.values() if self.domain_matches(q, None, domain)]
+        names = set() if domain == "all" else {domain}
+        for q in qs:
+            names.add(q.plan_domain)
+            if q.decision is not None:
+                names.update(h.host for h in q.decision.hops)
+                names.update(t.name for t in q.decision.plan.targets)
+            q.decision = None
+            q.decision_expires = 0.0
+            q.dns_failures = 0
+            self._idle_close(q)
+        if domain == "all":
+            self.resolver.flush()
+        else:
+            for name in names:
+                self.resolver.flush(name)
+        if qs:
+            await asyncio.gather(*(self.route(q) for q in qs), return_exceptions=True)
+        for q in qs:
+            self._kick(q)
+        return qs
+
+    def next_hop(self, q: DomainQueue):
+        """The hop the next connection would try first (`=>` in `domain`),
+        without advancing the round-robin."""
+        if q.decision is None:
+            return None
+        retry = self._lookup("Host_Failure_Retry", q)
+        now = time.monotonic()
+        rr = q.rr + 1
+        for level in q.decision.levels:
+            n = len(level)
+            for i in range(n):
+                hop = level[(rr + i) % n] if n > 1 else level[0]
+                failed_at = self.failed_hosts.get((hop.ip, hop.port))
+                if failed_at is None or now - failed_at >= retry:
+                    return hop
+        return None
+
+    def host_failed(self, q: DomainQueue, hop) -> float | None:
+        """Seconds since ``hop`` failed, while within ``Host_Failure_Retry``."""
+        failed_at = self.failed_hosts.get((hop.ip, hop.port))
+        if failed_at is None:
+            return None
+        age = time.monotonic() - failed_at
+        return age if age < self._lookup("Host_Failure_Retry", q) else None
+
+    def connections_of(self, q: DomainQueue) -> list:
+        return [c for c, cq in self.open_conns.items() if cq is q]
+
+    def inflight_count(self, q: DomainQueue) -> int:
+        return sum(1 for m in self.index.values()
+                   if m.state == "inflight" and m.binding == q.binding
+                   and self.queue_for(m.binding, m.domain) is q)
+
 
 
 def _has_8bit(body: bytes) -> bool:

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass, field
 
 from .dns import ResolvConfError, Resolver
 from .binding import BindingAssigner
@@ -33,6 +34,42 @@ def make_resolver(config) -> Resolver:
 
 def make_logs(config) -> Logs:
     return Logs.from_config(config)
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def _listen_addresses(listeners) -> list[str]:
+    return sorted(lc.address for lc in listeners)
+
+
+def reload_warnings(old, new) -> list[str]:
+    """What a reload cannot apply (D20): non-dynamic options and sockets."""
+    out = []
+    for b in sorted(set(old.bindings) | set(new.bindings)):
+        try:
+            a, z = old.lookup("Bind_Address", binding=b), new.lookup("Bind_Address", binding=b)
+        except KeyError:
+            continue
+        if a != z:
+            out.append(f"warning: Bind_Address of binding {b!r} changed ({a or 'unset'} -> "
+                       f"{z or 'unset'}): new connections use it, open ones keep the old "
+                       f"source; restart impetus to apply it everywhere (non-dynamic option)")
+    for name in ("Spoolbase", "Cluster_Throttle_Store"):
+        if old.lookup(name) != new.lookup(name):
+            out.append(f"warning: {name} changed: needs a restart (the running value is kept)")
+    if old.loggers != new.loggers:
+        out.append("warning: log settings changed: need a restart (reopen logs reopens the "
+                   "current files)")
+    for what, attr in (("ESMTP_Listener", "listeners"), ("Control_Listener", "control_listeners"),
+                       ("HTTP_Listener", "http_listeners")):
+        if _listen_addresses(getattr(old, attr)) != _listen_addresses(getattr(new, attr)):
+            out.append(f"warning: {what} Listen addresses changed: need a restart "
+                       f"(the running sockets are kept)")
+    return out
 
 
 class Server:
@@ -57,6 +94,10 @@ class Server:
         self.notify_server = None
         self.assigner = BindingAssigner(config, self.logs.paniclog, config.lookup("Policy_Module"))
         self.stopped = asyncio.Event()
+        self.control = None   # control.ControlServer (impetus console)
+        self.http = None      # http_api.HttpServer (/metrics, inject API)
+        self.metrics = None   # metrics.Metrics
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> None:
         self.spool.open()
@@ -78,6 +119,17 @@ class Server:
                 await listener.start()
                 self.listeners.append(listener)
                 print(f"impetus: listening on {lc.address}", flush=True)
+        from .metrics import Metrics
+        self.metrics = Metrics(self)
+        self.scheduler.metrics = self.metrics
+        if self.config.control_listeners:
+            from .control import ControlServer
+            self.control = ControlServer(self)
+            await self.control.start(self.config.control_listeners)
+        if self.config.http_listeners:
+            from .http_api import HttpServer
+            self.http = HttpServer(self)
+            await self.http.start(self.config.http_listeners)
         print(f"impetus: started, {recovered} messages recovered from the spool", flush=True)
 
     async def _spawn(self, shard: int) -> None:
@@ -106,6 +158,10 @@ class Server:
 
     async def stop(self) -> None:
         self.stopped.set()
+        if self.control is not None:
+            await self.control.stop()
+        if self.http is not None:
+            await self.http.stop()
         for listener in self.listeners:
             await listener.stop_accepting()
         for proc in self.children.values():
@@ -132,10 +188,90 @@ class Server:
         self.logs.paniclog.panic("impetus stopped")
         self.logs.close()
 
+    # -- control surface: reload, logs ------------------------------------------
+    def inbound_sessions(self) -> int | None:
+        """Open inbound SMTP sessions (None when reception runs in children)."""
+        if self.reception_processes:
+            return None
+        return sum(len(lst.connections) for lst in self.listeners)
+
+    def reopen_logs(self) -> None:
+        self.logs.reopen_all()
+        for proc in self.children.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGUSR1)
+
+    async def reload(self, path: str | None = None) -> ReloadResult:
+        """``config reload`` / SIGHUP (D20): load the file again; a broken
+        file is refused and the running config kept. New values apply to
+        new decisions; cached routes live out their TTL (``refresh domain``
+        drops them); sockets and non-dynamic options need a restart."""
+        async with self._reloading:
+            return await self._reload(path or self.config_path)
+
+    async def _reload(self, path: str) -> ReloadResult:
+        from .config import ConfigError, load_config
+        try:
+            new = await asyncio.to_thread(load_config, path)
+            assigner = BindingAssigner(new, self.logs.paniclog, new.lookup("Policy_Module"))
+        except ConfigError as exc:
+            lines = [str(i) for i in exc.issues]
+            n = len(lines)
+            lines.append(f"{path}: {n} configuration error{'s' if n != 1 else ''}")
+            self.logs.paniclog.panic(f"config reload refused, running configuration kept: "
+                                     + "; ".join(lines))
+            return ReloadResult(False, lines)
+        except (OSError, ValueError) as exc:
+            self.logs.paniclog.panic(f"config reload refused: {path}: {exc}")
+            return ReloadResult(False, [f"{path}: {exc}"])
+        old = self.config
+        warnings = reload_warnings(old, new)
+        resolver_opts = ("Resolv_Conf", "Min_DNS_TTL", "Max_DNS_TTL", "DNS_Fallback_To_TCP")
+        if any(old.lookup(o) != new.lookup(o) for o in resolver_opts):
+            try:
+                resolver = make_resolver(new)
+            except (OSError, ResolvConfError, ValueError) as exc:
+                return ReloadResult(False, [f"Resolv_Conf: {exc}"])
+            self.resolver = resolver
+            if self.metrics is not None:
+                self.metrics.instrument_resolver(resolver)
+            if self.scheduler is not None:
+                self.scheduler.resolver = resolver
+        self.config = new
+        self.config_path = path
+        self.assigner = assigner
+        if self.scheduler is not None:
+            self.scheduler.apply_config(new)
+        by_address = {lc.address: lc for lc in new.listeners}
+        for listener in self.listeners:
+            lc = by_address.get(listener.lc.address)
+            if lc is not None:
+                listener.reload(lc, new, assigner)
+        children = 0
+        for proc in self.children.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGHUP)
+                children += 1
+        lines = [f"reloaded {path}"]
+        if children:
+            lines.append(f"told {children} reception process(es) to reload (SIGHUP)")
+        lines.append("routes cached before the reload are used until their TTL; "
+                     "`refresh domain DOMAIN|all` drops them now")
+        lines += warnings
+        self.logs.paniclog.panic(f"configuration reloaded from {path}"
+                                 + "".join(f"; {w}" for w in warnings))
+        return ReloadResult(True, lines)
+
+    def _sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                               log.error("reload failed: %r", t.exception()))
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         await self.start()
         await self.stopped.wait()
         print("impetus: shutting down", flush=True)
@@ -147,8 +283,9 @@ class ReceptionProcess:
     """A reception child: listeners (SO_REUSEPORT) + its own spool shard;
     tells the main process about every committed transaction."""
 
-    def __init__(self, config, shard: int, notify_path: str):
+    def __init__(self, config, shard: int, notify_path: str, config_path: str | None = None):
         self.config = config
+        self.config_path = config_path
         self.hostname = config.lookup("Hostname") or socket.gethostname()
         self.logs = make_logs(config)
         self.spool = Spool(config.lookup("Spoolbase"), shard)
@@ -161,6 +298,8 @@ class ReceptionProcess:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.logs.reopen_all)
         self.spool.open()
         await self.notifier.connect()
         for lc in self.config.listeners:
@@ -180,6 +319,26 @@ class ReceptionProcess:
         self.logs.close()
         return 0
 
+    def _reload(self) -> None:
+        """SIGHUP from the main process after its ``config reload``: the
+        listeners' relay policy and settings follow the new file."""
+        from .config import ConfigError, load_config
+        if not self.config_path:
+            return
+        try:
+            new = load_config(self.config_path)
+            assigner = BindingAssigner(new, self.logs.paniclog, new.lookup("Policy_Module"))
+        except (ConfigError, OSError, ValueError) as exc:
+            self.logs.paniclog.panic(f"reception process: config reload refused: {exc}")
+            return
+        self.config = new
+        self.assigner = assigner
+        by_address = {lc.address: lc for lc in new.listeners}
+        for listener in self.listeners:
+            lc = by_address.get(listener.lc.address)
+            if lc is not None:
+                listener.reload(lc, new, assigner)
+
 
 def install_loop() -> None:
     try:
@@ -196,7 +355,7 @@ def serve(config, config_path: str, *, reception_processes: int = 0, role: str =
     install_loop()
     try:
         if role == "reception":
-            return asyncio.run(ReceptionProcess(config, shard, notify).run())
+            return asyncio.run(ReceptionProcess(config, shard, notify, config_path).run())
         return asyncio.run(Server(config, config_path, reception_processes).run())
     except (OSError, ResolvConfError, SpoolError, ValueError) as exc:
         print(f"impetus: cannot start: {exc}", file=sys.stderr)

@@ -52,6 +52,7 @@ _DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 
 _DISPLAY = {
     "control_listen": "control_listener listen",
+    "http_listen": "http_listener listen",
 }
 
 
@@ -502,6 +503,12 @@ class _Builder:
     def make_control_listen(self, spec, st, parent, name):
         return self._make_listen("control_listen", st, parent, name)
 
+    def make_http_listener(self, spec, st, parent, name):
+        return self._get(parent, "http_listener", None, None, "http_listener", st.pos)
+
+    def make_http_listen(self, spec, st, parent, name):
+        return self._make_listen("http_listen", st, parent, name)
+
     def make_peer(self, spec, st, parent, name):
         try:
             net = parse_peer(name)
@@ -563,6 +570,33 @@ class _Builder:
             problem = policy_module_problem(pm.value)
             if problem:
                 self.err(pm.node.pos, f"option 'Policy_Module' {problem}")
+        self.control_checks()
+
+    def control_checks(self) -> None:
+        """A TCP control socket must authenticate (issue 7), and
+        authentication needs a readable ``Control_Password_File``."""
+        cl = self.root.child("control_listener", None)
+        if cl is None:
+            return
+        for sc in cl.iter_children("control_listen"):
+            def setting(lname):
+                return sc.values.get(lname) or cl.values.get(lname)
+            auth = setting("enable_authentication")
+            pwfile = setting("control_password_file")
+            if sc.listen is not None and sc.listen.path is None and not (auth and auth.value):
+                self.err(sc.pos, f"control Listen {quote(sc.name)} is a TCP socket: it needs "
+                                 "Enable_Authentication = true and a Control_Password_File")
+            elif auth and auth.value and pwfile is None:
+                self.err(auth.pos, f"option 'Enable_Authentication' needs "
+                                   f"Control_Password_File (control Listen {quote(sc.name)})")
+            elif auth and auth.value and pwfile is not None:
+                try:
+                    with open(pwfile.value, "rb"):
+                        pass
+                except OSError as exc:
+                    self.err(pwfile.node.pos, "option 'Control_Password_File' names a file "
+                                              f"that cannot be read: {pwfile.value}: "
+                                              f"{exc.strerror or exc}")
 
 
 _BAD = object()
@@ -795,6 +829,8 @@ class Config:
         self.control_listeners = self._listeners(
             "control_listener", "control_listen",
             frozenset({"control_listener", "control_listen"}))
+        self.http_listeners = self._listeners(
+            "http_listener", "http_listen", frozenset({"http_listener", "http_listen"}))
         self.loggers = self._loggers()
 
     # -- bindings --------------------------------------------------------------

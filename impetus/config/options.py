@@ -15,7 +15,9 @@ Scope names used here and in messages:
 ``global``, ``binding_group``, ``binding``, ``domain``, ``host`` (outbound);
 ``esmtp_listener``, ``listen``, ``peer`` (inbound, spec §11.1);
 ``control_listener``, ``control_listen`` (a ``Listen`` inside
-``Control_Listener``); ``ec_logger``, ``bounce_logger`` (module stanzas).
+``Control_Listener``); ``http_listener``, ``http_listen`` (our
+``HTTP_Listener``: metrics and the injection API); ``ec_logger``,
+``bounce_logger`` (module stanzas).
 A ``domain`` option is valid in every ``Domain`` stanza, whatever contains
 it (``binding::domain``, ``binding_group::domain``, ...).
 """
@@ -32,6 +34,7 @@ from .values import ValueType
 SCOPE_ORDER = (
     "global", "binding_group", "binding", "domain", "host",
     "esmtp_listener", "listen", "peer", "control_listener", "control_listen",
+    "http_listener", "http_listen",
     "ec_logger", "bounce_logger",
 )
 
@@ -348,7 +351,8 @@ opt("Swap_Out_Meta_After_Each_Tempfail", V.BOOL, True, G,
 opt("Disk_Queue_Drain_Rate", V.INT, 100, G, "Spool-in rate at start-up.", supported=False)
 
 # §11.1 ESMTP listener
-opt("Enable", V.BOOL, True, ("esmtp_listener", "listen", "control_listener", "control_listen"),
+opt("Enable", V.BOOL, True, ("esmtp_listener", "listen", "control_listener", "control_listen",
+                            "http_listener", "http_listen"),
     "false skips this listener or socket without deleting the stanza.", supported=True)
 opt("Listener_Sessions", V.INT, 0, L, "Concurrent sessions on this listener (0 = no limit).", supported=False)
 opt("Service_Sessions", V.INT, 0, ("esmtp_listener",),
@@ -386,15 +390,23 @@ opt("Events_Per_Iter", V.INT, None, LL, "Events handled per loop iteration.", su
 opt("Accept_Queue_Backlog", V.INT, None, LL, "Accept queue backlog.", supported=False)
 opt("Proxy_Protocol", V.BOOL, False, L, "Require a HAProxy PROXY header.", supported=False)
 opt("Proxy_Protocol_Timeout", V.DURATION, 60, L, "Wait for the PROXY header.", supported=False)
-opt("File_Mode", V.MODE, None, ("listen", "control_listen"), "Mode of a Unix-domain socket.", supported=False)
+opt("File_Mode", V.MODE, None, ("listen", "control_listen", "http_listen"),
+    "Mode of a Unix-domain control or HTTP socket (control default 0600, HTTP 0660).",
+    supported=True, unsupported_scopes=("listen",))
 
-# §11.2 control listener
+# §11.2 control listener (impetus console) and our HTTP listener
 opt("Timeout", V.DURATION, 60, ("control_listener", "control_listen"),
-    "Idle control session timeout.", supported=False)
+    "Idle control session timeout (the session is closed; the console reconnects).",
+    supported=True)
 opt("Enable_Authentication", V.BOOL, False, ("control_listener", "control_listen"),
-    "Require console authentication.", supported=False)
+    "Require console authentication (challenge-response against Control_Password_File). "
+    "Mandatory on TCP control sockets: a TCP Listen without it is a config error.",
+    supported=True)
+opt("Control_Password_File", V.PATH, None, ("control_listener", "control_listen"),
+    "Console accounts, in the `impetus passwd` file format (user:scrypt$...); needed by "
+    "Enable_Authentication (our extension; replaces AuthDigestMD5Parameters).", supported=True)
 opt("AuthDigestMD5Parameters", V.HASH, None, ("control_listener", "control_listen"),
-    "DIGEST-MD5 console authentication parameters.", supported=False)
+    "DIGEST-MD5 console authentication parameters (use Control_Password_File).", supported=False)
 
 # §12 logging (ec_logger and bounce_logger modules)
 opt("Mainlog", V.PATH, "/var/log/impetus/mainlog.ec", ECL, "Main log file.", supported=True)
@@ -498,15 +510,18 @@ _stanza("Domain", ("global", "binding_group", "binding"), "required",
 _stanza("Host", ("global", "binding_group", "binding"), "required", doc="per-MX-host settings")
 _stanza("ESMTP_Listener", ("global",), "none", doc="inbound SMTP listener")
 _stanza("Control_Listener", ("global",), "none", doc="console listener")
+_stanza("HTTP_Listener", ("global",), "none",
+        doc="HTTP listener: /metrics and the injection API (our extension)")
 _stanza("Listen", (), "required", doc="one listening socket",
-        kinds={"esmtp_listener": "listen", "control_listener": "control_listen"})
+        kinds={"esmtp_listener": "listen", "control_listener": "control_listen",
+               "http_listener": "http_listen"})
 _stanza("Peer", ("esmtp_listener", "listen"), "required", doc="client ACL by CIDR")
 _stanza("ec_logger", ("global",), "optional", doc="the logging module")
 _stanza("bounce_logger", ("global",), "optional", doc="the bounce logging module")
 # Known, not implemented yet: rejected with "not supported yet" (D19).
 for _name in ("mxip", "static_routes", "adaptive", "delay_dsn", "outbound_smtp_auth",
               "bind_address_secondary", "ha_proxy_client", "dane", "curfew",
-              "response_transcode", "Pathway", "Pathway_Group", "HTTP_Listener",
+              "response_transcode", "Pathway", "Pathway_Group",
               "ECStream_Listener", "Security", "opendkim", "sieve", "scriptlet",
               "msgc_server", "cluster", "fbl", "inbound_audit", "outbound_audit",
               "spf", "dkim_validate", "alias", "custom_logger"):
