@@ -118,6 +118,16 @@ class ControlClient:
         if not ok:
             raise ConsoleError(f"authentication failed for {user}")
 
+    def _closed_by_server(self) -> bool:
+        """Between commands the server never writes: anything readable (EOF
+        after the idle ``Timeout``) means the session is over."""
+        import select
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def close(self) -> None:
         if self.sock is not None:
             try:
@@ -155,6 +165,8 @@ class ControlClient:
         idle session."""
         line = line.replace("\n", " ").strip()
         for attempt in (1, 2):
+            if self.sock is not None and self._closed_by_server():
+                self.close()
             if self.sock is None:
                 self.connect()
             try:

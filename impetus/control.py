@@ -244,15 +244,19 @@ class ControlServer:
     async def start(self, listeners) -> None:
         for lc in listeners:
             handler = lambda r, w, lc=lc: self._session(r, w, lc)  # noqa: E731
-            if lc.path is not None:
-                self._remove_stale(lc.path)
-                srv = await asyncio.start_unix_server(handler, lc.path, limit=MAX_LINE * 2)
-                mode = lc.lookup("File_Mode")
-                os.chmod(lc.path, 0o600 if mode is None else mode)
-                self.paths.append(lc.path)
-            else:
-                srv = await asyncio.start_server(handler, lc.host, lc.port, limit=MAX_LINE * 2,
-                                                 reuse_address=True)
+            try:
+                if lc.path is not None:
+                    self._remove_stale(lc.path)
+                    srv = await asyncio.start_unix_server(handler, lc.path, limit=MAX_LINE * 2)
+                    mode = lc.lookup("File_Mode")
+                    os.chmod(lc.path, 0o600 if mode is None else mode)
+                    self.paths.append(lc.path)
+                else:
+                    srv = await asyncio.start_server(handler, lc.host, lc.port,
+                                                     limit=MAX_LINE * 2, reuse_address=True)
+            except OSError as exc:
+                raise OSError(f"Control_Listener Listen \"{lc.address}\": "
+                              f"{exc.strerror or exc}") from None
             self.servers.append(srv)
             print(f"impetus: control listening on {lc.address}", flush=True)
 
@@ -309,8 +313,7 @@ class ControlServer:
                 try:
                     raw = await asyncio.wait_for(reader.readline(), timeout)
                 except asyncio.TimeoutError:
-                    writer.write(encode_reply(False, "idle timeout, closing"))
-                    break
+                    break  # idle: close quietly (the console reconnects on its next command)
                 except (ValueError, asyncio.LimitOverrunError):
                     writer.write(encode_reply(False, f"line too long (max {MAX_LINE} bytes)"))
                     break

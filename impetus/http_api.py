@@ -31,7 +31,7 @@ Replies are JSON: ``202`` ``{"batch_id", "accepted": [{"recipient",
 "message_id"}], "rejected": [{"recipient", "reply"}]}``; errors
 ``{"error": "...", "status": N}`` with 400 (malformed), 401 (bad
 credentials), 403 (relaying denied), 404, 405, 413 (too large), 415 (media
-type), 503 (temporarily refused: spool or ``Default_Binding = none``).
+type), 431 (request line or headers over 64 KiB), 503 (temporarily refused: spool or ``Default_Binding = none``).
 Nothing is queued unless the reply is 202.
 """
 from __future__ import annotations
@@ -79,13 +79,13 @@ OPENAPI: dict = {
                     {"name": "mail_from", "in": "query", "required": False,
                      "description": "Envelope sender for message/rfc822 bodies "
                                     "(empty: null sender). Default: the From: header.",
-                     "schema": {"type": "string", "maxLength": 512}},
+                     "schema": {"type": "string", "maxLength": 320}},
                     {"name": "rcpt_to", "in": "query", "required": False,
                      "description": "Envelope recipients for message/rfc822 bodies. "
                                     "Default: the To:, Cc: and Bcc: headers.",
                      "style": "form", "explode": True,
-                     "schema": {"type": "array", "maxItems": MAX_RECIPIENTS,
-                                "items": {"type": "string", "maxLength": 512}}},
+                     "schema": {"type": "array", "maxItems": 100,
+                                "items": {"type": "string", "maxLength": 320}}},
                 ],
                 "requestBody": {
                     "required": True,
@@ -105,6 +105,7 @@ OPENAPI: dict = {
                     "403": {"$ref": "#/components/responses/Error"},
                     "413": {"$ref": "#/components/responses/Error"},
                     "415": {"$ref": "#/components/responses/Error"},
+                    "431": {"$ref": "#/components/responses/Error"},
                     "503": {"$ref": "#/components/responses/Error"},
                 },
             },
@@ -141,10 +142,10 @@ OPENAPI: dict = {
                 "additionalProperties": False,
                 "description": "Exactly one of content and content_base64.",
                 "properties": {
-                    "mail_from": {"type": "string", "maxLength": 512,
+                    "mail_from": {"type": "string", "maxLength": 320,
                                   "description": "Envelope sender; empty for the null sender."},
                     "rcpt_to": {"type": "array", "minItems": 1, "maxItems": MAX_RECIPIENTS,
-                                "items": {"type": "string", "maxLength": 512}},
+                                "items": {"type": "string", "maxLength": 320}},
                     "content": {"type": "string",
                                 "description": "The RFC 5322 message (headers, blank line, body)."},
                     "content_base64": {"type": "string",
@@ -192,9 +193,10 @@ def openapi_text() -> str:
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, **extra):
+    def __init__(self, status: int, message: str, *, headers=(), **extra):
         super().__init__(message)
         self.status = status
+        self.headers = list(headers)
         self.extra = extra
 
 
@@ -247,17 +249,20 @@ class HttpServer:
     async def start(self, listeners) -> None:
         for lc in listeners:
             handler = lambda r, w, lc=lc: self._connection(r, w)  # noqa: E731
-            if lc.path is not None:
-                try:
-                    os.unlink(lc.path)
-                except FileNotFoundError:
-                    pass
-                srv = await asyncio.start_unix_server(handler, lc.path)
-                mode = lc.lookup("File_Mode")
-                os.chmod(lc.path, 0o660 if mode is None else mode)
-                self.paths.append(lc.path)
-            else:
-                srv = await asyncio.start_server(handler, lc.host, lc.port, reuse_address=True)
+            try:
+                if lc.path is not None:
+                    from .control import ControlServer
+                    ControlServer._remove_stale(lc.path)
+                    srv = await asyncio.start_unix_server(handler, lc.path)
+                    mode = lc.lookup("File_Mode")
+                    os.chmod(lc.path, 0o660 if mode is None else mode)
+                    self.paths.append(lc.path)
+                else:
+                    srv = await asyncio.start_server(handler, lc.host, lc.port,
+                                                     reuse_address=True)
+            except OSError as exc:
+                raise OSError(f"HTTP_Listener Listen \"{lc.address}\": "
+                              f"{exc.strerror or exc}") from None
             self.servers.append(srv)
             print(f"impetus: http listening on {lc.address}", flush=True)
 
@@ -308,6 +313,7 @@ class HttpServer:
                 except HttpError as exc:
                     status, (headers, payload) = exc.status, self._json_error(
                         exc.status, str(exc), **exc.extra)
+                    headers += exc.headers
                 except Exception:  # never answer a client with a traceback
                     log.exception("HTTP request failed")
                     self.server.logs.paniclog.panic("HTTP API: internal error (see stderr)")
@@ -398,8 +404,9 @@ class HttpServer:
         if method == "HEAD" and "GET" in allowed:
             method = "GET"
         if method not in allowed:
-            raise HttpError(405, f"method {method} not allowed on {path}; use "
-                                 f"{', '.join(allowed)}")
+            allow = ", ".join(("GET", "HEAD") if "GET" in allowed else allowed)
+            raise HttpError(405, f"method {method} not allowed on {path}; use {allow}",
+                            headers=[("allow", allow)])
         if path == "/metrics":
             from .metrics import CONTENT_TYPE
             payload = self.server.metrics.render() if self.server.metrics else b""

@@ -106,6 +106,18 @@ class Server:
         recovered = await self.scheduler.start()
         self.logs.paniclog.panic(f"impetus starting (pid {os.getpid()}), recovered {recovered} "
                                  f"queued messages from {self.spool.spoolbase}")
+        # Control and HTTP first: once SMTP answers, every socket is up.
+        from .metrics import Metrics
+        self.metrics = Metrics(self)
+        self.scheduler.metrics = self.metrics
+        if self.config.control_listeners:
+            from .control import ControlServer
+            self.control = ControlServer(self)
+            await self.control.start(self.config.control_listeners)
+        if self.config.http_listeners:
+            from .http_api import HttpServer
+            self.http = HttpServer(self)
+            await self.http.start(self.config.http_listeners)
         if self.reception_processes:
             self.notify_server = await ipc.serve_notifications(
                 self.notify_path, self.scheduler.submit, lambda: None)
@@ -119,17 +131,6 @@ class Server:
                 await listener.start()
                 self.listeners.append(listener)
                 print(f"impetus: listening on {lc.address}", flush=True)
-        from .metrics import Metrics
-        self.metrics = Metrics(self)
-        self.scheduler.metrics = self.metrics
-        if self.config.control_listeners:
-            from .control import ControlServer
-            self.control = ControlServer(self)
-            await self.control.start(self.config.control_listeners)
-        if self.config.http_listeners:
-            from .http_api import HttpServer
-            self.http = HttpServer(self)
-            await self.http.start(self.config.http_listeners)
         print(f"impetus: started, {recovered} messages recovered from the spool", flush=True)
 
     async def _spawn(self, shard: int) -> None:

@@ -330,11 +330,16 @@ def test_peer_addresses():
 
 
 def test_control_listener():
-    c = cfg('Control_Listener {\n  Listen "/tmp/2025" { }\n  Listen "127.0.0.1:2025" { }\n}')
+    c = cfg('Control_Listener {\n  Listen "/tmp/2025" { }\n  Listen "127.0.0.1:2025" {'
+            ' Enable_Authentication = true Control_Password_File = "/dev/null" }\n}')
     assert [lc.address for lc in c.control_listeners] == ["/tmp/2025", "127.0.0.1:2025"]
     assert c.listeners == []
-    errs = errors('Control_Listener { Listen ":2025" { Relay_Hosts = ( 1.2.3.4 ) } }')
-    assert errs == ["t.conf:1:37: option 'Relay_Hosts' is not valid in a control_listener "
+    # TCP control sockets must authenticate (issue 7)
+    assert errors('Control_Listener { Listen "127.0.0.1:2025" { } }') == [
+        't.conf:1:20: control Listen "127.0.0.1:2025" is a TCP socket: it needs '
+        'Enable_Authentication = true and a Control_Password_File']
+    errs = errors('Control_Listener { Listen "/x/2025" { Relay_Hosts = ( 1.2.3.4 ) } }')
+    assert errs == ["t.conf:1:39: option 'Relay_Hosts' is not valid in a control_listener "
                     "listen stanza; valid scopes: global, esmtp_listener, listen, peer"]
 
 

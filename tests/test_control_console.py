@@ -6,6 +6,7 @@ sinks, logs and the console itself report.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ class ConsoleMTA(MTA):
     def __init__(self, workdir, resolv_conf, body: str = "", *, control_tcp: str | None = None,
                  password_file: str | None = None, **kw):
         self.sockdir = short_socket_dir()
+        atexit.register(shutil.rmtree, self.sockdir, True)
         self.control_socket = os.path.join(self.sockdir, "ctl")
         tcp = ""
         if control_tcp:
@@ -63,11 +65,16 @@ class ConsoleMTA(MTA):
                 values[key] = int(m.group(1))
         return values
 
-    def stop(self, *a, **kw):
-        try:
-            return super().stop(*a, **kw)
-        finally:
-            shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+def passwd_line(user: str, password: str) -> str:
+    """A password file line (``impetus passwd`` format: salted scrypt)."""
+    import base64
+    import hashlib
+    salt = os.urandom(16)
+    key = hashlib.scrypt(password.encode(), salt=salt, n=2 ** 14, r=8, p=1, dklen=32)
+    b64 = lambda b: base64.b64encode(b).decode().rstrip("=")  # noqa: E731
+    return f"{user}:scrypt$n=16384,r=8,p=1${b64(salt)}${b64(key)}\n"
 
 
 def rewrite_config(m: MTA, old: str, new: str) -> None:
@@ -328,8 +335,7 @@ def test_unknown_command_reroute_rebind_and_housekeeping(tmp_path, dns_server, s
 
 def test_control_over_tcp_requires_authentication(tmp_path, dns_server):
     pwfile = tmp_path / "console.passwd"
-    subprocess.run([sys.executable, "-m", "impetus.auth", str(pwfile), "admin", "--stdin"],
-                   input="s3cret\n", text=True, check=True, capture_output=True)
+    pwfile.write_text("# console accounts\n" + passwd_line("admin", "s3cret"))
     port = free_port()
     with ConsoleMTA(tmp_path / "mta", dns_server.resolv_conf, control_tcp=f"127.0.0.1:{port}",
                     password_file=str(pwfile)) as m:
@@ -358,8 +364,7 @@ def test_control_over_tcp_requires_authentication(tmp_path, dns_server):
             f.flush()
             assert f.readline().startswith(b"-ERR authentication required")
         # the password file is read again on every login
-        subprocess.run([sys.executable, "-m", "impetus.auth", str(pwfile), "admin", "--stdin"],
-                       input="n3w\n", text=True, check=True, capture_output=True)
+        pwfile.write_text(passwd_line("admin", "n3w"))
         r = m.console("pid", target=target, env={**good, "IMPETUS_CONSOLE_PASSWORD": "n3w"},
                       check=True)
         assert r.stdout.strip() == str(m.proc.pid)
