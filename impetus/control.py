@@ -353,7 +353,7 @@ class ControlServer:
                     else:
                         reply = Reply(False, "authentication required (auth USER, then proof)")
                 else:
-                    reply = await self.commands.run(line)
+                    reply = await self.commands.run(line, who=f"{user or 'local'}@{peer_text}")
                 writer.write(encode_reply(reply.ok, reply.text, reply.lines))
                 await writer.drain()
                 if reply.after is not None:
@@ -437,13 +437,33 @@ class Commands:
     def sched(self):
         return self.server.scheduler
 
-    async def run(self, line: str) -> Reply:
+    async def run(self, line: str, who: str = "") -> Reply:
         try:
             words = shlex.split(line)
         except ValueError as exc:
             return Reply(False, f"cannot parse the command: {exc}")
         if not words:
             return Reply(True, "")
+        reply = await self._run(words)
+        if self._changes_state(words):
+            # An audit trail of what operators did to the queues.
+            outcome = "ok" if reply.ok else f"refused: {reply.text}"
+            summary = "; ".join(reply.lines[:2]) if reply.ok else ""
+            self.server.logs.paniclog.panic(
+                f"control command by {who or 'unknown'}: {' '.join(words)[:300]} -> {outcome}"
+                + (f" ({summary[:300]})" if summary else ""))
+        return reply
+
+    _MUTATING = ("refresh", "flush", "binding flush", "binding fail", "message retry",
+                 "message fail", "fail", "reroute", "rebind", "config reload", "reopen",
+                 "shutdown", "summary reset", "dns_cache flush", "dns_cache submit")
+
+    @classmethod
+    def _changes_state(cls, words: list[str]) -> bool:
+        text = " ".join(w.lower() for w in words)
+        return any(text == m or text.startswith(m + " ") for m in cls._MUTATING)
+
+    async def _run(self, words: list[str]) -> Reply:
         found = match_command(words)
         if found is None:
             close = suggest(words)
@@ -576,14 +596,15 @@ class Commands:
             out.extend("  " + ln for ln in router.format_decision(decision).splitlines())
             out.extend(self._domain_stanzas(domain))
             return out
+        inflight = s.inflight_by_queue()
         for q in sorted(qs, key=lambda q: (q.domain, q.binding)):
-            out.extend(self._queue_view(q))
+            out.extend(self._queue_view(q, inflight.get(q, 0)))
             out.append("")
         if domain != "all":
             out.extend(self._domain_stanzas(domain))
         return out
 
-    def _queue_view(self, q) -> list[str]:
+    def _queue_view(self, q, inflight: int = 0) -> list[str]:
         s = self.sched
         out = [f"domain {q.domain} (binding {q.binding})"
                + (f", recipient domain {q.plan_domain}" if q.plan_domain != q.domain else "")]
@@ -608,7 +629,7 @@ class Commands:
                     out.append(f"  {mark} {i}. {hop}{extra}")
         out.append(f"consecutive DNS failures: {q.dns_failures}")
         out.append(f"active: {len(q.active)}  delayed: {q.delayed}  "
-                   f"in flight: {s.inflight_count(q)}")
+                   f"in flight: {inflight}")
         out.append(f"delivered: {q.delivered}  failed: {q.failed}")
         conns = s.connections_of(q)
         out.append(f"connections: {q.conns} ({q.starting} starting)")
@@ -913,7 +934,6 @@ class Commands:
             choose = lambda m: target  # noqa: E731
         else:
             assigner = self.server.assigner
-            spool = self.server.spool
 
             def choose(m):
                 try:

@@ -958,10 +958,14 @@ class Scheduler:
     def connections_of(self, q: DomainQueue) -> list:
         return [c for c, cq in self.open_conns.items() if cq is q]
 
-    def inflight_count(self, q: DomainQueue) -> int:
-        return sum(1 for m in self.index.values()
-                   if m.state == "inflight" and m.binding == q.binding
-                   and self.queue_for(m.binding, m.domain) is q)
+    def inflight_by_queue(self) -> dict:
+        """Messages in an SMTP transaction, per queue (one pass over the index)."""
+        out: dict = {}
+        for m in self.index.values():
+            if m.state == "inflight":
+                q = self.queue_for(m.binding, m.domain)
+                out[q] = out.get(q, 0) + 1
+        return out
 
 
 

@@ -144,6 +144,9 @@ def test_fail_domain_bounces_queued_mail(tmp_path, dns_server, smtp_sinks):
         # the rest of the domain: bounced
         out = m.console("fail", "domain", "dead.test", check=True).stdout
         assert "2 message(s) failed" in out
+        panic = "\n".join(m.paniclog.lines())
+        assert "control command by local@unix socket: fail domain dead.test -> ok " \
+               "(2 message(s) failed)" in panic
         [bounce] = bounces.wait_for(1)
         perms = m.mainlog.wait_for("P", 3)
         assert all("554 5.7.0 [internal] Message manually" in p[-1] for p in perms)
