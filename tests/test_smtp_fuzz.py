@@ -95,3 +95,87 @@ def test_dot_stuff_never_contains_early_end_marker(body):
     wire = dot_stuff(body)
     assert wire.endswith(b".\r\n")
     assert (b"\r\n" + wire).find(b"\r\n.\r\n") == len(wire) - 3
+
+
+# -- STARTTLS / AUTH / XCLIENT ------------------------------------------------
+
+from impetus.smtp.server import AuthCheck, Policy, StartTLS  # noqa: E402
+
+EXT_FRAGMENTS = FRAGMENTS + [
+    b"STARTTLS\r\n", b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n", b"AUTH PLAIN AGEAYg==\r\n",
+    b"AUTH LOGIN YQ==\r\n", b"AUTH PLAIN =\r\n", b"*\r\n", b"AGEAYg==\r\n", b"YQ==\r\n", b"====\r\n",
+    b"AUTH CRAM-MD5\r\n", b"XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE]\r\n", b"XCLIENT HELO=a+2\r\n",
+    b"XCLIENT ADDR=IPV6:::1 LOGIN=a PORT=70000\r\n", b"XCLIENT PROTO=ESMTP HELO=h+41\r\n", b"+", b"=",
+]
+ext_chunks = st.lists(st.one_of(st.binary(max_size=64), st.sampled_from(EXT_FRAGMENTS)), max_size=40)
+
+
+class FuzzPolicy(Policy):
+    def __init__(self, trusted, async_auth):
+        self.trusted = trusted
+        self.async_auth = async_auth
+
+    def check_auth(self, session, mechanism, username, password):
+        ok = username == "a" and password == "b"
+        if self.async_auth:
+            async def later():
+                return ok
+            return later()
+        return ok
+
+    def allow_xclient(self, session):
+        return self.trusted
+
+
+@FAST
+@given(ext_chunks, st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([2048, 24]))
+def test_server_with_tls_auth_xclient_never_raises(parts, plaintext_auth, trusted, async_auth, lmtp, maxline):
+    s = ServerSettings(hostname="h", lmtp=lmtp, starttls=True, auth_mechanisms=("PLAIN", "LOGIN"),
+                       auth_without_tls=plaintext_auth, max_line_length=maxline)
+    conn = ServerConnection(s, FuzzPolicy(trusted, async_auth))
+    out = []
+    for part in [None] + list(parts):
+        events = conn.start() if part is None else conn.feed(part)
+        while events:
+            ev = events.pop(0)
+            assert isinstance(ev, (Send, MessageReady, Close, StartTLS, AuthCheck))
+            if isinstance(ev, Send):
+                out.append(ev.data)
+            elif isinstance(ev, MessageReady):
+                events += conn.message_done(Reply(250, "2.0.0", "ok"))
+            elif isinstance(ev, StartTLS):
+                assert conn.state == "starttls"
+                events += conn.tls_started({"version": "TLSv1.3"})
+                assert conn.session.tls and conn.state in ("greeted", "ready") or conn.closed
+            elif isinstance(ev, AuthCheck):
+                try:
+                    ev.awaitable.send(None)
+                except StopIteration as stop:
+                    events += conn.auth_done(stop.value)
+    data = b"".join(out)
+    for line in data.split(b"\r\n")[:-1]:
+        assert line[:3].isdigit() and line[3:4] in (b" ", b"-", b"")
+    assert b"\x00" not in data
+
+
+@FAST
+@given(ext_chunks)
+def test_auth_xclient_output_independent_of_chunking(parts):
+    s = ServerSettings(hostname="h", auth_mechanisms=("PLAIN", "LOGIN"), auth_without_tls=True,
+                       xclient_allowed=True, max_line_length=40)
+    data = b"".join(parts)
+
+    def run(pieces):
+        conn = ServerConnection(s, FuzzPolicy(True, False))
+        out = []
+        for part in [None] + pieces:
+            events = conn.start() if part is None else conn.feed(part)
+            while events:
+                ev = events.pop(0)
+                if isinstance(ev, Send):
+                    out.append(ev.data)
+                elif isinstance(ev, MessageReady):
+                    events += conn.message_done(Reply(250, "2.0.0", "ok"))
+        return b"".join(out)
+
+    assert run([data]) == run([data[i:i + 1] for i in range(len(data))])
