@@ -479,6 +479,10 @@ class Commands:
         except CommandError as exc:
             usage = next(f"{p} {a}".strip() for p, a, _ in COMMANDS if p == phrase)
             return Reply(False, str(exc), exc.lines or [f"usage: {usage}"])
+        except Exception as exc:  # a bug in one command must not end the session
+            log.exception("console command %r failed", phrase)
+            self.server.logs.paniclog.panic(f"control: command {phrase!r} failed: {exc!r}")
+            return Reply(False, f"internal error in {phrase!r}: {exc!r}")
         if isinstance(result, Reply):
             return result
         return Reply(True, "", list(result or []))
