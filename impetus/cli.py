@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .sink import add_sink_parser
     add_sink_parser(sub)
     sub.choices["sink"].set_defaults(func=cmd_sink)
+    from .auth import add_passwd_parser, run_passwd
+    add_passwd_parser(sub)
+    sub.choices["passwd"].set_defaults(func=run_passwd)
     return p
 
 

@@ -11,11 +11,13 @@ import dataclasses
 import email.utils
 import ipaddress
 import logging
+import ssl
 import time
 
 from .smtp import serve as smtp_serve
 from .smtp.reply import Reply
 from .smtp.server import Policy, ServerSettings
+from .auth import PasswordFile
 from .spool import IdGenerator, Spool, SpoolError, Submission
 
 log = logging.getLogger("impetus.listener")
@@ -41,37 +43,80 @@ def domain_matches(domain: str, pattern: str) -> bool:
 
 
 class RelayPolicy(Policy):
-    """Who may relay through this listener (spec §9)."""
+    """Who may relay through this listener (spec §9), and the trusted
+    extensions (AUTH, XCLIENT). Options are looked up for the client's
+    address, so the most specific ``Peer "cidr"`` stanza applies."""
 
-    def __init__(self, relay_hosts, relay_domains, rejectlog, connids: IdGenerator):
+    def __init__(self, lc, config, rejectlog, connids: IdGenerator, passwords=None):
+        self.lc = lc
         self.connids = connids
-        self.relay_hosts = list(relay_hosts or [])
-        self.relay_domains = list(relay_domains or [])
+        self.relay_domains = list(config.lookup("Relay_Domains") or [])
         self.rejectlog = rejectlog
+        self.passwords = passwords  # auth.PasswordFile or None
+
+    def _opt(self, session, name, *, real_peer: bool = False):
+        """An option for this client's most specific ``Peer``. Relay rules
+        use the client as announced by a trusted XCLIENT (that is what XCLIENT
+        is for); trusting XCLIENT itself uses the real TCP peer."""
+        ip = session.peer_ip
+        if real_peer:
+            ip = getattr(session, "proxy_ip", None) or ip
+        try:
+            return self.lc.lookup(name, peer=ip)
+        except ValueError:  # an unparsable announced address matches no Peer
+            return self.lc.lookup(name)
 
     def check_connect(self, session):
         session.conn_id = self.connids.next()  # Momentum-shaped id for R lines and rejectlog
         return None
 
-    def can_relay(self, session) -> bool:
+    def _ip_can_relay(self, session) -> bool:
+        """``Relay_Hosts`` (listener value replaces the global one) or a
+        matching ``Peer`` with ``Open_Relay = true``. Cached per session."""
         cached = session.extra.get("can_relay")
         if cached is None:
             try:
                 ip = ipaddress.ip_address(session.peer_ip)
                 if ip.version == 6 and ip.ipv4_mapped is not None:
                     ip = ip.ipv4_mapped
-                cached = any(ip in net for net in self.relay_hosts)
+                nets = self._opt(session, "Relay_Hosts") or []
+                cached = any(ip.version == n.version and ip in n for n in nets)
             except ValueError:
                 cached = False
+            cached = cached or bool(self._opt(session, "Open_Relay"))
             session.extra["can_relay"] = cached
         return cached
 
+    def check_mail(self, session, addr, params):
+        session.extra["mail_domain"] = addr.domain
+        return None
+
     def check_rcpt(self, session, addr, params):
-        if self.can_relay(session):
+        # Order of spec §9: relay hosts / open relay, AUTH, verified client
+        # certificate, sender domain, then recipient domain.
+        if self._ip_can_relay(session) or getattr(session, "authenticated", None):
             return None
+        if self._opt(session, "TLS_Verified_Peer_Can_Relay", real_peer=True) and getattr(
+                session, "tls_peer_verified", False):
+            return None
+        sending = self._opt(session, "Relay_For_Sending_Domains")
+        if sending is not None:
+            mail_domain = session.extra.get("mail_domain") or ""
+            if not sending or (mail_domain and any(domain_matches(mail_domain, p)
+                                                   for p in sending)):
+                return None  # given with no arguments it means open relay
         if addr.domain and any(domain_matches(addr.domain, p) for p in self.relay_domains):
             return None
         return RELAYING_DENIED
+
+    async def check_auth(self, session, mechanism, username, password):
+        if self.passwords is None:
+            return False
+        return await self.passwords.averify(username, password)
+
+    def allow_xclient(self, session) -> bool:
+        exts = self._opt(session, "SMTP_Extensions", real_peer=True) or []
+        return any(e.strip().upper() == "XCLIENT" for e in exts)
 
     def on_reject(self, session, reply, phase):
         self.rejectlog.reject(remote=(session.peer_ip, session.peer_port),
@@ -80,7 +125,26 @@ class RelayPolicy(Policy):
                               phase=phase, module="esmtp_listener")
 
 
+def make_server_tls_context(lc):
+    """Inbound TLS from ``TLS_Certificate``/``TLS_Key``/``TLS_Client_CA``/
+    ``TLS_Verify_Mode`` (None when no certificate is configured)."""
+    cert = lc.lookup("TLS_Certificate")
+    if not cert or cert == "none":
+        return None
+    key = lc.lookup("TLS_Key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, None if not key or key == "none" else key)
+    client_ca = lc.lookup("TLS_Client_CA")
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = (ssl.CERT_REQUIRED if lc.lookup("TLS_Verify_Mode") == "require"
+                           else ssl.CERT_OPTIONAL)
+    return ctx
+
+
 class Listener:
+    service_sessions = None  # smtp_serve.SessionCounter shared by all ESMTP listeners
+
     def __init__(self, lc, config, spool: Spool, logs, on_spooled, *, hostname: str,
                  assigner, reuse_port: bool = False):
         self.lc = lc
@@ -94,16 +158,37 @@ class Listener:
         self.reuse_port = reuse_port  # several reception processes share the port
         self.connections: set = set()
         self.committing = 0
-        self.policy = RelayPolicy(lc.lookup("Relay_Hosts"), config.lookup("Relay_Domains"),
-                                  logs.rejectlog, self.connids)
-        self.settings = ServerSettings(hostname=hostname,
-                                       max_message_size=lc.lookup("Max_Message_Size") or 0)
+        pwfile = lc.lookup("Auth_Password_File")
+        exts = [e.strip().upper() for e in (lc.lookup("SMTP_Extensions") or [])]
+        mechanisms = tuple(dict.fromkeys(m for e in exts if e.startswith("AUTH ")
+                                         for m in e.split()[1:] if m in ("PLAIN", "LOGIN")))
+        if pwfile and not mechanisms:
+            mechanisms = ("PLAIN", "LOGIN")
+        self.policy = RelayPolicy(lc, config, logs.rejectlog, self.connids,
+                                  PasswordFile(pwfile) if pwfile else None)
+        self.tls_context = make_server_tls_context(lc)
+        self.implicit_tls = bool(lc.lookup("Use_SSL")) and self.tls_context is not None
+        self.settings = ServerSettings(
+            hostname=hostname,
+            max_message_size=lc.lookup("Max_Message_Size") or 0,
+            max_recipients=lc.lookup("Max_Recipients_Per_Message") or 0,
+            max_messages_per_connection=lc.lookup("Max_Receptions_Per_Connection") or 0,
+            tls_context=None if self.implicit_tls else self.tls_context,
+            auth_mechanisms=mechanisms if pwfile else (),
+        )
         self.assigner = assigner  # binding.BindingAssigner, shared by all listeners (D2 state)
 
     async def start(self) -> None:
+        if Listener.service_sessions is None:
+            Listener.service_sessions = smtp_serve.SessionCounter(
+                self.lc.lookup("Service_Sessions") or 0)
         self.server = await smtp_serve.start_server(
             self.lc.host, self.lc.port, self.settings, self._policy_for, self._on_message,
-            idle_timeout=300, connections=self.connections, reuse_port=self.reuse_port or None)
+            idle_timeout=self.lc.lookup("Idle_Time") or None, connections=self.connections,
+            reuse_port=self.reuse_port or None,
+            ssl=self.tls_context if self.implicit_tls else None,
+            max_sessions=self.lc.lookup("Listener_Sessions") or 0,
+            sessions_counter=Listener.service_sessions)
 
     def _policy_for(self, *args):
         return self.policy
