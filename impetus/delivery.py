@@ -5,21 +5,59 @@ transaction (sender, recipients, wire-ready body) and gets one reply per
 recipient back. Every wait has its own timeout (spec §10.5, D14) and every
 failure becomes a ``DeliveryError`` carrying the reply to log and the
 connection stage (spec §12.5).
+
+TLS (spec §7): with ``TLS = ifavailable|required`` ``open()`` runs EHLO,
+STARTTLS (stage 15), the handshake (stage 17, bounded by ``EHLO_Timeout``)
+and EHLO again.  A TLS policy that cannot be met raises
+:class:`TlsPolicyError` (all 4xx, so the mail is retried): the scheduler
+tries the next MX and, when none meets the policy, logs that reply for the
+queue's mail.  ``ifavailable`` with ``TLS_Ifavailable_Fallback`` reconnects
+in plain text at once after a failed STARTTLS or handshake.  The TLS state
+of a session is in ``Connection.tls_info``.
+
+XCLIENT (spec §8, D10): with ``XCLIENT = ifavailable|required`` every
+transaction is preceded by ``XCLIENT`` carrying the injecting client's
+attributes (those the peer advertises), a 2xx reply, and EHLO again.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
 from .smtp.client import (CLOSED_BY_REMOTE, ProtocolError, ReplyParser, Stage, Transaction,
-                          dot_stuff, no_response_reply, parse_ehlo)
+                          dot_stuff, no_response_reply, parse_ehlo, xclient)
 from .smtp.reply import Reply
+from .tls import TlsSettings, certificate_matches, describe_certificate
+
+log = logging.getLogger("impetus.delivery")
 
 NOT_CONNECTED = Stage.NOT_CONNECTED
 CONNECT_TIMED_OUT = Reply(450, "4.4.1", "[internal] Connection Timed Out")
 NO_MXS_REACHABLE = Reply(421, "4.4.0", "[internal] no MXs for this domain could be reached at this time")
+
+# spec §7 (all transient: the message is delayed and retried)
+STARTTLS_NOT_ADVERTISED = Reply(451, "4.7.6", "[internal] STARTTLS required but not advertised")
+SEND_STARTTLS_FAILED = Reply(451, "4.7.5", "[internal] send STARTTLS failed")
+NO_TLS_GO_AHEAD = Reply(451, "4.7.5", "[internal] no tls go-ahead")
+TLS_NEGOTIATION_FAILED = Reply(451, "4.7.5", "[internal] TLS negotiation failed")
+CERT_UNTRUSTED = Reply(451, "4.7.5", "[internal] remote node SSL certificate not signed by a valid CA")
+CERT_HOST_MISMATCH = Reply(451, "4.7.5", "[internal] SSL certificate subject does not match host")
+CERT_EXPIRED = Reply(454, "4.7.5", "[internal] certificate expired")
+CERT_NOT_YET_VALID = Reply(454, "4.7.5", "[internal] certificate not yet valid: possible clock skew")
+# spec §8
+XCLIENT_NOT_ADVERTISED = Reply(451, "4.7.6", "[internal] XCLIENT required but not advertised")
+SEND_XCLIENT_FAILED = Reply(451, "4.4.2", "[internal] send XCLIENT failed")
+#: XCLIENT attributes we can send, in the order sent (D10)
+XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN")
+
+# OpenSSL X509_V_ERR_* codes with their own §7 replies
+_X509_EXPIRED = 10
+_X509_NOT_YET_VALID = 9
 
 
 def no_response(stage: int) -> Reply:
@@ -34,6 +72,54 @@ class DeliveryError(Exception):
         self.reply = reply
         self.stage = stage
         self.connected = connected
+
+
+class TlsPolicyError(DeliveryError):
+    """The TLS policy (``TLS``, ``TLS_Verify``, MTA-STS) cannot be met on
+    this connection, which is closed.  Not a host failure: another MX may
+    meet it, and if none does the reply is the outcome of the queue's mail."""
+
+
+class _HandshakeFailed(Exception):
+    def __init__(self, reply: Reply, stage: int, detail: str, cert_failure: bool = False,
+                 alive: bool = False):
+        super().__init__(detail)
+        self.reply = reply
+        self.stage = stage
+        self.detail = detail
+        self.cert_failure = cert_failure
+        self.alive = alive  # the plain-text session can go on
+
+
+@dataclass(frozen=True)
+class ClientFacts:
+    """The client that injected a message, as XCLIENT attributes (D10).
+    None is sent as ``[UNAVAILABLE]``."""
+
+    name: str | None = None
+    addr: str | None = None
+    port: str | None = None
+    proto: str | None = None
+    helo: str | None = None
+    login: str | None = None
+
+    @classmethod
+    def from_reception(cls, peer_ip: str | None, helo: str | None = None,
+                       proto: str | None = None) -> "ClientFacts":
+        """From what the spool keeps of a reception: the peer address (IPv6
+        as ``IPV6:...``), the HELO/EHLO argument and our protocol name
+        (``esmtp``/``smtp``/``lmtp``; anything else is unknown)."""
+        addr = None
+        try:
+            ip = ipaddress.ip_address((peer_ip or "").strip("[]"))
+            addr = f"IPV6:{ip.compressed}" if ip.version == 6 else str(ip)
+        except ValueError:
+            pass
+        p = {"esmtp": "ESMTP", "smtp": "SMTP", "lmtp": "LMTP"}.get((proto or "").lower())
+        return cls(addr=addr, helo=helo or None, proto=p)
+
+    def attributes(self, advertised) -> dict[str, str | None]:
+        return {k: getattr(self, k.lower()) for k in XCLIENT_ATTRIBUTES if k in advertised}
 
 
 @dataclass
@@ -62,8 +148,14 @@ class Connection:
     """One outbound SMTP or LMTP session to one next hop."""
 
     def __init__(self, hop, timeouts: Timeouts, helo_name: str, *, source_ip: str | None = None,
-                 lmtp: bool = False, esmtp: bool = True):
+                 lmtp: bool = False, esmtp: bool = True, tls: TlsSettings | None = None,
+                 xclient: str = "no", notice=None):
         self.hop = hop
+        self.tls = tls if tls is not None and tls.enabled else None
+        self.xclient_mode = xclient or "no"
+        self.notice = notice            # callable(text) for the paniclog; None: python logging
+        self.tls_info: dict | None = None
+        self.xclient_identity: ClientFacts | None = None  # whom the session speaks for
         self.timeouts = timeouts
         self.helo_name = helo_name
         self.source_ip = source_ip
@@ -127,7 +219,33 @@ class Connection:
         return self.pending.pop(0)
 
     # -- session -----------------------------------------------------------
+    def _note(self, text: str) -> None:
+        text = f"{self.hop.host}[{self.hop.ip}]:{self.hop.port}: {text}"
+        if self.notice is not None:
+            self.notice(text)
+        else:
+            log.info("%s", text)
+
+    def _reset(self) -> None:
+        """Forget a closed session so that the next ``_establish`` starts afresh."""
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+        self.parser = ReplyParser()
+        self.pending = []
+        self.extensions = {}
+        self.broken = False
+        self.tls_info = None
+        self.xclient_identity = None
+
     async def open(self) -> None:
+        """Connect, read the banner, EHLO (HELO fallback) / LHLO, and
+        STARTTLS + EHLO again when the TLS policy asks for it."""
+        await self._establish()
+        if self.tls is not None:
+            await self._secure()
+
+    async def _establish(self) -> None:
         """Connect, read the banner, EHLO (HELO fallback) / LHLO."""
         family = socket.AF_INET6 if ":" in self.hop.ip else socket.AF_INET
         local = (self.source_ip, 0) if self.source_ip else None
@@ -154,6 +272,127 @@ class Connection:
             self.broken = True
             raise DeliveryError(banner, Stage.BANNER, True)
         await self._greet()
+
+    # -- STARTTLS (spec §7) ----------------------------------------------------
+    async def _abandon(self, reply: Reply, stage: int, detail: str = "") -> None:
+        """Give up on a healthy session for a policy reason: QUIT, then raise."""
+        self._note(f"{reply}" + (f": {detail}" if detail else ""))
+        await self.quit()
+        raise TlsPolicyError(reply, stage, True)
+
+    async def _secure(self) -> None:
+        pol = self.tls
+        verify_chain = pol.verify != "no"
+        for _ in range(3):
+            if "STARTTLS" not in self.extensions:
+                if pol.mode == "required":
+                    await self._abandon(STARTTLS_NOT_ADVERTISED, Stage.STARTTLS,
+                                        "the peer does not offer STARTTLS"
+                                        + (f" (MTA-STS {pol.sts})" if pol.sts else ""))
+                return  # ifavailable: plain text
+            try:
+                await self._starttls(pol.context(verify_chain))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                # our own context cannot be built (a file changed since start)
+                self._note(f"TLS context: {exc}")
+                self.close()
+                raise TlsPolicyError(TLS_NEGOTIATION_FAILED, Stage.TLS_HANDSHAKE, True) from None
+            except _HandshakeFailed as exc:
+                if exc.alive:
+                    # refused: the session goes on in plain text
+                    if pol.mode == "ifavailable" and pol.fallback:
+                        self._note(f"STARTTLS refused ({exc.detail}); continuing in plain text "
+                                   "(TLS_Ifavailable_Fallback)")
+                        return
+                    await self._abandon(exc.reply, exc.stage, exc.detail)
+                self.close()
+                if exc.cert_failure and pol.verify == "optional" and verify_chain:
+                    self._note(f"{exc.reply.text}: {exc.detail}; TLS_Verify = optional: "
+                               "delivering over unverified TLS")
+                    verify_chain = False
+                    self._reset()
+                    await self._establish()
+                    continue
+                if not exc.cert_failure and pol.mode == "ifavailable" and pol.fallback:
+                    self._note(f"{exc.reply.text} ({exc.detail}); retrying in plain text "
+                               "(TLS_Ifavailable_Fallback)")
+                    self._reset()
+                    self.tls = None
+                    await self._establish()
+                    return
+                self._note(f"{exc.reply}: {exc.detail}")
+                raise TlsPolicyError(exc.reply, exc.stage, True) from None
+            break
+        else:  # pragma: no cover - the loop always returns, raises or breaks
+            raise TlsPolicyError(TLS_NEGOTIATION_FAILED, Stage.TLS_HANDSHAKE, True)
+        info = self.tls_info
+        if verify_chain and pol.verify in ("host", "optional"):
+            sslobj = self.writer.get_extra_info("ssl_object")
+            cert = (sslobj.getpeercert() if sslobj is not None else None) or {}
+            matched = certificate_matches(cert, pol.names)
+            info["matched"] = matched
+            if matched is None:
+                detail = (f"certificate ({describe_certificate(cert)}) is not valid for "
+                          f"{' or '.join(n for n in pol.names if n)}")
+                if pol.verify == "host":
+                    self._note(f"{CERT_HOST_MISMATCH}: {detail}")
+                    self.close()
+                    raise TlsPolicyError(CERT_HOST_MISMATCH, Stage.TLS_HANDSHAKE, True)
+                self._note(f"{detail}; TLS_Verify = optional: delivering anyway")
+                info["verified"] = False
+        elif not verify_chain:
+            info["verified"] = False
+        # RFC 3207: forget what was learnt before TLS, ask again.
+        self.extensions = {}
+        await self._greet()
+        log.debug("%s[%s]: TLS %s %s verified=%s", self.hop.host, self.hop.ip,
+                  info.get("version"), info.get("cipher"), info.get("verified"))
+
+    async def _starttls(self, ctx: ssl.SSLContext) -> None:
+        t = self.timeouts.ehlo
+        try:
+            self._write(b"STARTTLS\r\n")
+            await self._drain(t, Stage.STARTTLS)
+            reply = await self._reply(t, Stage.STARTTLS)
+        except DeliveryError as exc:
+            raise _HandshakeFailed(SEND_STARTTLS_FAILED, Stage.STARTTLS, str(exc.reply)) from None
+        if reply.code != 220:
+            # refused: the session stays usable in plain text, unless it is closing
+            raise _HandshakeFailed(NO_TLS_GO_AHEAD, Stage.STARTTLS, f"STARTTLS answered {reply}",
+                                   alive=reply.code != 421)
+        # Anything the server sent after its 220 was sent in the clear and
+        # would be taken as TLS-protected: refuse it (STARTTLS injection).
+        buffered = len(getattr(self.reader, "_buffer", b""))
+        if self.pending or self.parser.pending or buffered:
+            self.broken = True
+            raise _HandshakeFailed(TLS_NEGOTIATION_FAILED, Stage.STARTTLS,
+                                   "plain-text data after the STARTTLS go-ahead")
+        sni = None if _is_ip(self.hop.host) else self.hop.host.rstrip(".")
+        try:
+            await asyncio.wait_for(
+                self.writer.start_tls(ctx, server_hostname=sni, ssl_handshake_timeout=t), t + 1)
+        except ssl.SSLCertVerificationError as exc:
+            code = getattr(exc, "verify_code", None)
+            reply = {_X509_EXPIRED: CERT_EXPIRED,
+                     _X509_NOT_YET_VALID: CERT_NOT_YET_VALID}.get(code, CERT_UNTRUSTED)
+            raise _HandshakeFailed(reply, Stage.TLS_HANDSHAKE,
+                                   getattr(exc, "verify_message", None) or str(exc),
+                                   cert_failure=True) from None
+        except asyncio.TimeoutError:
+            raise _HandshakeFailed(TLS_NEGOTIATION_FAILED, Stage.TLS_HANDSHAKE,
+                                   f"no TLS handshake within {t:g} s (EHLO_Timeout)") from None
+        except (ssl.SSLError, OSError, EOFError) as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc):
+                detail = f"no TLS handshake within {t:g} s (EHLO_Timeout)"
+            raise _HandshakeFailed(TLS_NEGOTIATION_FAILED, Stage.TLS_HANDSHAKE, detail) from None
+        sslobj = self.writer.get_extra_info("ssl_object")
+        cipher = sslobj.cipher() if sslobj is not None else None
+        self.tls_info = {"version": sslobj.version() if sslobj is not None else None,
+                         "cipher": cipher[0] if cipher else None,
+                         "verified": ctx.verify_mode == ssl.CERT_REQUIRED,
+                         "client_cert": bool(self.tls.cert), "matched": None,
+                         "sts": self.tls.sts}
 
     async def _greet(self) -> None:
         if self.lmtp:
@@ -187,14 +426,81 @@ class Connection:
             return t.rset
         return t.mailfrom  # MAIL, and DATA's 354 per D14
 
+    # -- XCLIENT (spec §8, D10) --------------------------------------------------
+    def _xclient_advertised(self) -> list[str]:
+        if "XCLIENT" not in self.extensions:
+            return []
+        offered = {a.upper() for a in self.extensions["XCLIENT"].split()}
+        return [a for a in XCLIENT_ATTRIBUTES if a in offered]
+
+    async def _reopen(self) -> None:
+        """A fresh session (the peer no longer lets this one change identity)."""
+        await self.quit()
+        self._reset()
+        await self.open()
+
+    async def _xclient(self, facts: ClientFacts) -> None:
+        """XCLIENT for the client that injected the next message; raises
+        DeliveryError when the message cannot go (``required``, or a broken
+        session)."""
+        for attempt in range(2):
+            advertised = self._xclient_advertised()
+            if not advertised:
+                if self.xclient_identity == facts:
+                    return  # the session already speaks for this client
+                if self.xclient_identity is not None and attempt == 0:
+                    # it speaks for another client and can no longer switch
+                    await self._reopen()
+                    continue
+                if self.xclient_mode == "required":
+                    raise DeliveryError(XCLIENT_NOT_ADVERTISED, Stage.XCLIENT, True)
+                return  # ifavailable: without XCLIENT
+            t = self.timeouts.ehlo
+            try:
+                self._write(xclient(facts.attributes(advertised)))
+                await self._drain(t, Stage.XCLIENT)
+                reply = await self._reply(t, Stage.XCLIENT)
+            except DeliveryError as exc:
+                self.broken = True
+                if exc.reply is CLOSED_BY_REMOTE:
+                    raise DeliveryError(SEND_XCLIENT_FAILED, Stage.XCLIENT, True) from None
+                raise
+            if 200 <= reply.code < 300:
+                self.xclient_identity = facts
+                self.extensions = {}
+                try:
+                    await self._greet()
+                except DeliveryError as exc:
+                    raise DeliveryError(exc.reply, Stage.AFTER_XCLIENT, True) from None
+                return
+            if reply.code == 421:
+                self.broken = True
+                raise DeliveryError(reply, Stage.XCLIENT, True)
+            self._note(f"XCLIENT refused: {reply}")
+            if self.xclient_identity is not None and self.xclient_identity != facts:
+                if attempt == 0:
+                    await self._reopen()
+                    continue
+                self.broken = True
+                raise DeliveryError(SEND_XCLIENT_FAILED, Stage.XCLIENT, True)
+            if self.xclient_mode == "required":
+                raise DeliveryError(SEND_XCLIENT_FAILED, Stage.XCLIENT, True)
+            return  # ifavailable: the refused command changed nothing; send without
+
     async def send(self, sender: str, rcpts: list[str], body: bytes, *, body_8bit: bool = False,
-                   smtputf8: bool = False) -> list[RcptResult]:
+                   smtputf8: bool = False, client: ClientFacts | None = None) -> list[RcptResult]:
         """One transaction, driven by the sans-I/O ``Transaction``.
 
         Returns one result per recipient, in order. A connection failure in
         the middle gives every recipient without an outcome the internal
-        reply for that stage, and marks the connection broken.
+        reply for that stage, and marks the connection broken.  ``client``:
+        the injecting client, for XCLIENT.
         """
+        if self.xclient_mode in ("ifavailable", "required"):
+            try:
+                await self._xclient(client or ClientFacts())
+            except DeliveryError as exc:
+                return [RcptResult(exc.reply, int(exc.stage)) for _ in rcpts]
         ext = self.extensions
         tx = Transaction(sender, rcpts, pipelining="PIPELINING" in ext, lmtp=self.lmtp,
                          size=len(body) if "SIZE" in ext else None,
@@ -253,3 +559,11 @@ class Connection:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        return False

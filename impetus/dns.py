@@ -67,6 +67,7 @@ _MAX_ATTEMPTS = 5
 _MAX_SORTLIST = 10
 _MAX_CNAME_HOPS = 8
 _HOSTS_TTL = 60
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 
 # --------------------------------------------------------------------------
@@ -514,6 +515,21 @@ class Resolver:
             cached = True
         return self._result(key, "MX", e, now, cached)
 
+    async def txt(self, name: str) -> DnsResult:
+        """TXT records of ``name`` (MTA-STS discovery): ``records`` is a list
+        of strings, each record's character-strings joined (RFC 7208 §3.3
+        style), decoded as UTF-8 with replacement.  Cached like the others;
+        the hosts file is never consulted."""
+        key = _normalize(name)
+        now = time.monotonic()
+        e = self._cache_get(key, dns.rdatatype.TXT, now)
+        if e is None:
+            e = await self._fetch(key, dns.rdatatype.TXT)
+            cached = False
+        else:
+            cached = True
+        return self._result(key, "TXT", e, now, cached)
+
     async def addresses(self, name: str, want_ipv6: bool = False) -> DnsResult:
         ip = _ip_literal(name)
         if ip is not None:
@@ -614,7 +630,7 @@ class Resolver:
         except Exception as ex:  # never let anything escape
             log.exception("unexpected error resolving %s %s", key, dns.rdatatype.to_text(rdtype))
             e = self._transient(BADANSWER, key, f"internal resolver error: {type(ex).__name__}: {ex}")
-        if rdtype != dns.rdatatype.MX and e.status in (NXDOMAIN, NODATA) and self.settings.lookup == "bf":
+        if rdtype in _ADDRESS_TYPES and e.status in (NXDOMAIN, NODATA) and self.settings.lookup == "bf":
             e = self._from_hosts(key, rdtype) or e
         self._store(key, rdtype, e)
         return e
@@ -631,7 +647,7 @@ class Resolver:
         return _Entry(status, (), ttl, canonical, error, time.monotonic() + ttl)
 
     async def _resolve_chain(self, key: str, rdtype: int) -> _Entry:
-        if self.settings.lookup == "fb" and rdtype != dns.rdatatype.MX:
+        if self.settings.lookup == "fb" and rdtype in _ADDRESS_TYPES:
             hit = self._from_hosts(key, rdtype)
             if hit is not None:
                 return hit
@@ -742,6 +758,8 @@ class Resolver:
                    for r in rrset]
             out = sorted(set(out))
             return out
+        if rdtype == dns.rdatatype.TXT:
+            return [b"".join(r.strings).decode("utf-8", "replace") for r in rrset]
         return list(dict.fromkeys(ipaddress.ip_address(r.address) for r in rrset))
 
     # -------------------------------------------------- result construction

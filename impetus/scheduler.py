@@ -27,7 +27,9 @@ from collections import OrderedDict, deque
 
 from . import router, throttle
 from .bounce import Failure, render_bounce, should_bounce
-from .delivery import (DeliveryError, Connection, NO_MXS_REACHABLE, NOT_CONNECTED, Timeouts)
+from . import mta_sts, tls
+from .delivery import (ClientFacts, DeliveryError, Connection, NO_MXS_REACHABLE, NOT_CONNECTED,
+                       Timeouts, TlsPolicyError)
 from .logs import classify_bounce
 from .smtp.reply import Reply
 from .spool import IdGenerator, QueuedMessage, Spool, SpoolError, Submission
@@ -37,6 +39,7 @@ log = logging.getLogger("impetus.scheduler")
 EXPIRED_TIME = Reply(554, "5.4.7", "[internal] exceeded max time without delivery")
 EXPIRED_RETRIES = Reply(554, "5.4.7", "[internal] exceeded max retries without delivery")
 SHUTDOWN = Reply(451, "4.3.2", "[internal] delivery interrupted by shutdown")
+STS_NO_MX = Reply(451, "4.7.5", "[internal] no MX host is allowed by the MTA-STS policy")
 
 
 class DomainQueue:
@@ -377,8 +380,15 @@ class Scheduler:
         timeouts = Timeouts.from_config(self.config, q.domain, q.binding)
         errors = []
         hops, capped = self._candidate_hops(q, decision)
+        policy = await self._mta_sts_policy(q, hops)
+        if policy is not None:
+            hops = self._mta_sts_hops(q, policy, hops)
+            if not hops and policy.mode == "enforce" and not capped:
+                self._fail_active(q, STS_NO_MX, NOT_CONNECTED, self.connids.next(), 0, "")
+                return None, []
         ehlo = self._ehlo_name(q)
         bind = self.config.lookup("Bind_Address", binding=q.binding)
+        tls_failure = None
         for hop in hops:
             keys = [k for k, _ in queue_caps] + [("host", q.binding, hop.host)]
             for k in keys:  # reserve before awaiting
@@ -386,21 +396,95 @@ class Scheduler:
             source = None
             if bind and bind != "*" and (":" in bind) == (":" in hop.ip):
                 source = bind  # a v4 source cannot reach a v6 next hop (and vice versa)
-            conn = Connection(hop, timeouts, ehlo, source_ip=source)
+            conn = Connection(hop, timeouts, ehlo, source_ip=source,
+                              **self._connection_policy(q, hop, policy))
             try:
                 await conn.open()
                 conn.cap_keys = keys
                 return conn, capped
+            except TlsPolicyError as exc:
+                # Not a host failure: the next MX may meet the TLS policy (§7).
+                conn.close()
+                self._release_caps(keys)
+                errors.append(f"{hop.host}[{hop.ip}]:{hop.port}: {exc.reply}")
+                if tls_failure is None:
+                    tls_failure = (exc, conn)
             except DeliveryError as exc:
                 conn.close()
                 self._release_caps(keys)
                 self.failed_hosts[(hop.ip, hop.port)] = time.monotonic()
                 errors.append(f"{hop.host}[{hop.ip}]:{hop.port}: {exc.reply}")
+        if tls_failure is not None:
+            # No host met the TLS policy: that is the outcome of the queue's
+            # mail (transient, retried), logged with its stage (15-17).
+            exc, conn = tls_failure
+            self.logs.paniclog.panic(f"{q.binding}/{q.domain}: TLS policy not met: "
+                                     + "; ".join(errors))
+            self._fail_active(q, exc.reply, exc.stage, self.connids.next(), conn.bytes_sent,
+                              conn.remote_ip)
+            return None, []
         if errors or not capped:
             detail = "; ".join(errors) if errors else "every host is within Host_Failure_Retry"
             self.logs.paniclog.panic(f"{q.binding}/{q.domain}: no host reachable: {detail}")
             return None, None
         return None, capped
+
+    def _connection_policy(self, q: DomainQueue, hop, policy) -> dict:
+        """TLS (§7, D11), XCLIENT (§8) and MTA-STS settings of a new
+        connection to ``hop``, as ``Connection`` keyword arguments."""
+        look = lambda name: self.config.lookup(name, domain=q.domain, binding=q.binding)  # noqa: E731
+        mode, verify = look("TLS"), look("TLS_Verify")
+        cert, key = look("TLS_Certificate"), look("TLS_Key")
+        if cert in (None, "none"):
+            cert = key = None
+        elif key == "none":
+            key = None
+        names = tuple(dict.fromkeys(n for n in (hop.host, q.plan_domain, q.domain) if n))
+        sts, system_cas = None, False
+        if policy is not None and policy.mode == "enforce":
+            # RFC 8461 §4.2: authenticated TLS to the MX name, WebPKI + TLS_CA
+            mode, verify, names, system_cas, sts = "required", "host", (hop.host,), True, "enforce"
+        elif policy is not None and policy.mode == "testing":
+            mode = "required" if mode == "required" else "ifavailable"
+            verify = "host" if verify == "host" else "optional"
+            system_cas, sts = True, "testing"
+        settings = tls.TlsSettings(mode=mode, verify=verify, fallback=look("TLS_Ifavailable_Fallback"),
+                                   ca=look("TLS_CA"), cert=cert, key=key,
+                                   protocols=look("TLS_Protocols"), ciphers=look("TLS_Ciphers"),
+                                   names=names, system_cas=system_cas, sts=sts)
+        prefix = f"{q.binding}/{q.domain}: "
+        return {"tls": settings, "xclient": look("XCLIENT"),
+                "notice": lambda text: self.logs.paniclog.panic(prefix + text)}
+
+    async def _mta_sts_policy(self, q: DomainQueue, hops):
+        """The recipient domain's MTA-STS policy (RFC 8461) when
+        ``Use_MTA_STS`` and ``Enable_MTA_STS`` are on and the hops are the
+        domain's own MX hosts (not a Gateway or Routes); else None."""
+        if not hops or not self._lookup("Use_MTA_STS", q) or not self._lookup("Enable_MTA_STS", q):
+            return None
+        if not all(h.source.split("/")[0] in ("mx", "implicit-mx", "mx-fallback") for h in hops):
+            return None
+        sts = getattr(self, "_sts", None)
+        if sts is None:
+            sts = self._sts = mta_sts.MtaSts(
+                self.resolver, port=self.config.lookup("MTA_STS_Port"),
+                want_ipv6=bool(self.config.lookup("Use_IPv6")),
+                notice=self.logs.paniclog.panic)
+        return await sts.policy(q.plan_domain, ca_file=self._lookup("TLS_CA", q))
+
+    def _mta_sts_hops(self, q: DomainQueue, policy, hops) -> list:
+        """Hops whose MX name the policy allows (``enforce``); ``testing``
+        keeps them all and notes the mismatches."""
+        outside = sorted({h.host for h in hops if not policy.allows(h.host)})
+        if not outside:
+            return hops
+        self.logs.paniclog.panic(
+            f"{q.binding}/{q.domain}: MTA-STS {policy.mode} policy of {policy.domain} "
+            f"(mx {' '.join(policy.mx)}) does not allow {', '.join(outside)}"
+            + ("; not used" if policy.mode == "enforce" else "; used anyway (testing)"))
+        if policy.mode != "enforce":
+            return hops
+        return [h for h in hops if policy.allows(h.host)]
 
     def _ehlo_name(self, q: DomainQueue) -> str:
         """``EHLO_Hostname`` (spec §5): a literal, ``__hostname__`` or
@@ -573,7 +657,9 @@ class Scheduler:
             return
         try:
             results = await conn.send(first.sender, [m.rcpt for m in batch], body,
-                                      body_8bit=_has_8bit(body))
+                                      body_8bit=_has_8bit(body),
+                                      client=ClientFacts.from_reception(first.peer_ip, first.helo,
+                                                                        first.proto))
         except DeliveryError as exc:
             conn.close()
             for m in batch:
@@ -966,7 +1052,6 @@ class Scheduler:
                 q = self.queue_for(m.binding, m.domain)
                 out[q] = out.get(q, 0) + 1
         return out
-
 
 
 def _has_8bit(body: bytes) -> bool:

@@ -301,7 +301,7 @@ def test_supported_options(name):
     assert spec is not None and spec.supported
 
 
-@pytest.mark.parametrize("name", ["ECStream_Port", "TLS_Engine", "TLS", "XCLIENT", "Rollup_MX",
+@pytest.mark.parametrize("name", ["ECStream_Port", "TLS_Engine", "Use_DANE", "Rollup_MX",
                                   "Server_Reserve_Outbound_Connections",
                                   "Cluster_Max_Outbound_Connections",
                                   "Migrate_Connections_Between_Sibling_Domains"])

@@ -35,6 +35,7 @@ from .lexer import quote
 from .options import (HOST_DEFAULTS, LISTENER_SCOPES, OPTIONS, OUTBOUND_SCOPES, STANZAS,
                       OptionSpec)
 from .parser import Assignment, Stanza, Statement, Value
+from . import values as V
 from .values import BadValue, BadValues
 
 #: Options whose value is a token bucket shared by reference (spec §2.3).
@@ -571,6 +572,63 @@ class _Builder:
             if problem:
                 self.err(pm.node.pos, f"option 'Policy_Module' {problem}")
         self.control_checks()
+        self.tls_checks()
+
+    def tls_checks(self) -> None:
+        """Outbound TLS files are loaded with ``ssl`` now, so a missing or
+        corrupt certificate, key or CA bundle stops the start (and
+        ``check-config``) instead of failing deliveries later.  A
+        certificate is paired with the ``TLS_Key`` of its own stanza or the
+        nearest enclosing one (or its own file when there is none)."""
+        def walk(sc: Scope):
+            yield sc
+            for child in sc.children.values():
+                yield from walk(child)
+            for regexes in sc.regexes.values():
+                for child in regexes:
+                    yield from walk(child)
+
+        def inherited(sc: Scope, lname: str):
+            p = sc.parent
+            while p is not None:
+                s = p.values.get(lname)
+                if s is not None:
+                    return s.value
+                p = p.parent
+            return None
+
+        checked: dict[tuple, str | None] = {}
+        for sc in walk(self.root):
+            ca = sc.values.get("tls_ca")
+            if ca is not None:
+                key = ("ca", ca.value)
+                if key not in checked:
+                    checked[key] = V.tls_ca_problem(ca.value)
+                if checked[key]:
+                    self.err(ca.node.pos, f"option 'TLS_CA' {checked[key]}")
+            cert = sc.values.get("tls_certificate")
+            tkey = sc.values.get("tls_key")
+            key_value = tkey.value if tkey is not None else inherited(sc, "tls_key")
+            key_value = None if key_value == "none" else key_value
+            if cert is not None and cert.value != "none":
+                key = ("cert", cert.value, key_value)
+                if key not in checked:
+                    checked[key] = V.tls_cert_problem(cert.value, key_value)
+                if checked[key]:
+                    self.err(cert.node.pos, f"option 'TLS_Certificate' {checked[key]}")
+            elif tkey is not None and tkey.value != "none":
+                cert_value = cert.value if cert is not None else inherited(sc, "tls_certificate")
+                if cert_value in (None, "none"):
+                    key = ("key", tkey.value)
+                    if key not in checked:
+                        checked[key] = V.tls_key_problem(tkey.value)
+                else:
+                    key = ("cert", cert_value, tkey.value)
+                    if key not in checked:
+                        checked[key] = V.tls_cert_problem(cert_value, tkey.value)
+                if checked[key]:
+                    self.err(tkey.node.pos, f"option 'TLS_Key' {checked[key]}")
+
 
     def control_checks(self) -> None:
         """A TCP control socket must authenticate (issue 7), and

@@ -242,27 +242,59 @@ opt("Cluster_Throttle_Store", V.REDIS_URL, None, G,
     "(our extension; port defaults to 6379, db to 0).", supported=True)
 
 # §7 TLS
-opt("TLS", V.Enum("no", "ifavailable", "required"), "no", OUT, "Outbound STARTTLS policy.", supported=False)
+opt("TLS", V.Enum("no", "ifavailable", "required"), "no", OUT,
+    "Outbound STARTTLS: no; ifavailable (when the peer advertises STARTTLS); required "
+    "(else 451 4.7.6 STARTTLS required but not advertised, transient).", supported=True)
 opt("TLS_Ifavailable_Fallback", V.BOOL, True, OUT,
-    "With TLS = ifavailable, retry in plain text after a failed handshake.", supported=False)
+    "With TLS = ifavailable: after a failed STARTTLS or handshake, reconnect at once in plain "
+    "text (false: 451 4.7.5 TLS negotiation failed, transient). A failed certificate check "
+    "never falls back.", supported=True)
 opt("TLS_Verify", V.Enum("no", "ca", "host", "optional"), "no", OUT,
-    "Certificate verification (host: SAN/CN match, D11).", supported=False)
-opt("TLS_CA", V.PATH, None, OUT, "PEM CA bundle for TLS_Verify.", supported=False)
-opt("TLS_Certificate", V.STR, None, OUTL, "PEM certificate to present ('none' cancels).", supported=False)
-opt("TLS_Key", V.STR, None, OUTL, "PEM key for TLS_Certificate.", supported=False)
-opt("TLS_Protocols", V.STR, "+ALL", OUTL, "Allowed protocol versions, e.g. +ALL:-TLSv1.0.", supported=False)
-opt("TLS_Ciphers", V.STR, "DEFAULT", OUTL, "OpenSSL cipher list (TLS <= 1.2).", supported=False)
-opt("TLSv13_Ciphersuites", V.STR,
+    "Server certificate check: no; ca (chain against TLS_CA, else the system CAs); host (ca + "
+    "the MX host name or the domain in a subjectAltName dNSName, RFC 6125 wildcards, CN only "
+    "without dNSName: D11); optional (as host, but deliver anyway and note it in the paniclog).",
+    supported=True)
+opt("TLS_CA", V.PATH, None, OUT,
+    "PEM CA bundle for TLS_Verify (unset: the system CAs); also trusted, with the system CAs, "
+    "for MTA-STS policy fetches and MTA-STS enforced deliveries. Checked at load.",
+    supported=True)
+opt("TLS_Certificate", V.TLS_FILE, None, OUTL,
+    "PEM client certificate presented to the next hop (may also hold the key); 'none' cancels "
+    "an inherited one. Loaded at start: a missing or unusable file is a config error.",
+    supported=True)
+opt("TLS_Key", V.TLS_FILE, None, OUTL,
+    "PEM key for TLS_Certificate when it is not in the certificate file; 'none' cancels an "
+    "inherited one.", supported=True)
+opt("TLS_Protocols", V.TLS_PROTOCOLS, "+ALL", OUTL,
+    "Enabled versions, e.g. \"+ALL:-TLSv1.2\": +/- ALL, SSLv2, SSLv3, TLSv1.0-TLSv1.3 joined by "
+    "':'. ALL means TLSv1.2 and TLSv1.3 (older versions only when named); SSLv2/3 are never "
+    "enabled; the enabled versions must be contiguous.", supported=True, unsupported_scopes=L)
+opt("TLS_Ciphers", V.TLS_CIPHERS, "DEFAULT", OUTL,
+    "OpenSSL cipher list for TLS <= 1.2 (GnuTLS 'NORMAL' = DEFAULT); checked at load.",
+    supported=True, unsupported_scopes=L)
+opt("TLSv13_Ciphersuites", V.TLS13_SUITES_TYPE,
     "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256", OUT,
-    "TLS 1.3 cipher suites.", supported=False)
+    "TLS 1.3 cipher suites: checked and accepted, but Python's ssl cannot choose TLS 1.3 "
+    "suites, so OpenSSL's defaults (the same three as this default) always apply.",
+    supported=True)
 opt("TLS_EC_Curve_Names", V.STR, None, G, "ECDHE groups (colon list).", supported=False)
 opt("TLS_Engine", V.Enum("openssl", "gnutls"), "openssl", G, "TLS library.", supported=False)
 opt("TLS_DHParams_File", V.PATH, None, G, "DH parameters file.", supported=False)
 opt("TLS_Enable_DHE_Ciphers", V.BOOL, True, G, "Allow DHE ciphers.", supported=False)
 opt("Crypto_Engine", V.STR, None, G, "OpenSSL engine.", supported=False)
 opt("TLS_Allow_Renegotiation", V.BOOL, False, G, "Allow TLS renegotiation.", supported=False)
-opt("Use_MTA_STS", V.BOOL, False, OUT, "Apply MTA-STS policies.", supported=False)
-opt("Enable_MTA_STS", V.BOOL, False, G, "Enable MTA-STS support.", supported=False)
+opt("Use_MTA_STS", V.BOOL, False, DG,
+    "Discover the recipient domain's MTA-STS policy (RFC 8461: _mta-sts TXT record, then "
+    "https://mta-sts.<domain>/.well-known/mta-sts.txt, cached for max_age) for mail routed "
+    "by the domain's own MX records.", supported=True)
+opt("Enable_MTA_STS", V.BOOL, True, OUT,
+    "Apply a discovered MTA-STS policy: enforce = TLS required + TLS_Verify host + MX names "
+    "must match the policy's mx patterns; testing = at least TLS ifavailable + TLS_Verify "
+    "optional, mismatches only noted in the paniclog. Effective only with Use_MTA_STS.",
+    supported=True)
+opt("MTA_STS_Port", V.PORT, 443, G,
+    "HTTPS port of MTA-STS policy hosts (our extension, for tests and private PKIs).",
+    supported=True)
 opt("MTA_STS_Policy_Store", V.STR, None, G, "Where MTA-STS policies are cached.", supported=False)
 opt("MTA_STS_DNS_CNAME_Max_Depth", V.INT, 5, G, "CNAME depth for MTA-STS lookups.", supported=False)
 opt("Use_DANE", V.BOOL, False, OUT, "Apply DANE TLSA records.", supported=False)
@@ -271,19 +303,22 @@ opt("TLSA_Expire_Interval", V.DURATION, 3600, G, "Lifetime of cached TLSA record
 
 # §8 XCLIENT
 opt("XCLIENT", V.Enum("no", "ifavailable", "required"), "no", OUT,
-    "Send XCLIENT with the original client's identity (D10).", supported=False)
+    "Before each message send XCLIENT with the injecting client's NAME ADDR PORT PROTO HELO "
+    "LOGIN (those the peer advertises; [UNAVAILABLE] when unknown), then EHLO again (D10). "
+    "required: 451 4.7.6 XCLIENT required but not advertised when the peer lacks it.",
+    supported=True)
 
 # §9 relay control
 opt("Relay_Hosts", V.ADDRLIST, [], GL,
     "Client IPs/CIDRs allowed to relay anywhere (a listener value replaces the global one).",
     supported=True)
-opt("Open_Relay", V.BOOL, False, L, "Matching clients may relay anywhere.", supported=False)
+opt("Open_Relay", V.BOOL, False, L, "Matching clients may relay anywhere.", supported=True)
 opt("Relay_For_Sending_Domains", V.ARRAY, None, L,
-    "Allow relaying when the envelope sender's domain matches.", supported=False)
+    "Allow relaying when the envelope sender's domain matches.", supported=True)
 opt("Relay_Domains", V.DOMAINLIST, [], G,
     "Recipient domains accepted from anyone (exact or *.domain).", supported=True)
 opt("TLS_Verified_Peer_Can_Relay", V.BOOL, False, L,
-    "Clients with a verified certificate may relay.", supported=False)
+    "Clients with a verified certificate may relay.", supported=True)
 opt("Bounce_Domains", V.DOMAINLIST, [], G, "Domains accepted for bounce processing.", supported=False)
 opt("Bounce_Pattern", V.STR, None, G, "Pattern recognising bounce addresses.", supported=False)
 opt("Bounce_Behavior", V.Enum("pass", "blackhole"), "pass", G,
@@ -354,22 +389,25 @@ opt("Disk_Queue_Drain_Rate", V.INT, 100, G, "Spool-in rate at start-up.", suppor
 opt("Enable", V.BOOL, True, ("esmtp_listener", "listen", "control_listener", "control_listen",
                             "http_listener", "http_listen"),
     "false skips this listener or socket without deleting the stanza.", supported=True)
-opt("Listener_Sessions", V.INT, 0, L, "Concurrent sessions on this listener (0 = no limit).", supported=False)
+opt("Listener_Sessions", V.INT, 0, L, "Concurrent sessions on this listener (0 = no limit).", supported=True)
 opt("Service_Sessions", V.INT, 0, ("esmtp_listener",),
-    "Concurrent sessions over all ESMTP listeners (0 = no limit).", supported=False)
-opt("Idle_Time", V.DURATION, 300, L, "Idle inbound session timeout (D15).", supported=False)
-opt("Max_Receptions_Per_Connection", V.INT, 0, L, "Messages per inbound connection.", supported=False)
-opt("Max_Recipients_Per_Message", V.INT, 0, L, "Recipients per inbound message.", supported=False)
+    "Concurrent sessions over all ESMTP listeners (0 = no limit).", supported=True)
+opt("Idle_Time", V.DURATION, 300, L, "Idle inbound session timeout (D15).", supported=True)
+opt("Max_Receptions_Per_Connection", V.INT, 0, L, "Messages per inbound connection.", supported=True)
+opt("Max_Recipients_Per_Message", V.INT, 0, L, "Recipients per inbound message.", supported=True)
 opt("Max_Message_Size", V.INT, 0, GL,
     "Largest accepted message in bytes (0 = no limit).", supported=True)
 opt("Banner_Hostname", V.STR, None, GL, "Host name in the SMTP banner.", supported=False)
 opt("Static_Banner", V.STR, None, GL, "Fixed SMTP banner (must begin with 220).", supported=False)
 opt("Received_Hostname", V.STR, None, GL, "Host name in our Received: header.", supported=False)
-opt("SMTP_Extensions", V.ARRAY, None, L, "Extra ESMTP extensions offered.", supported=False)
+opt("Auth_Password_File", V.PATH, None, L,
+    "Our extension: password file for SMTP AUTH (scrypt hashes; `impetus passwd FILE USER`). "
+    "AUTH is offered only after STARTTLS; a successful AUTH may relay.", supported=True)
+opt("SMTP_Extensions", V.ARRAY, None, L, "Extra ESMTP extensions offered.", supported=True)
 opt("Context", V.HASH, None, L, "Connection context variables.", supported=False)
-opt("TLS_Client_CA", V.PATH, None, L, "CA bundle for verifying client certificates.", supported=False)
-opt("TLS_Verify_Mode", V.Enum("none", "require"), "none", L, "Client certificate policy.", supported=False)
-opt("Use_SSL", V.BOOL, False, L, "Implicit TLS on connect.", supported=False)
+opt("TLS_Client_CA", V.PATH, None, L, "CA bundle for verifying client certificates.", supported=True)
+opt("TLS_Verify_Mode", V.Enum("none", "require"), "none", L, "Client certificate policy.", supported=True)
+opt("Use_SSL", V.BOOL, False, L, "Implicit TLS on connect.", supported=True)
 opt("STARTTLS_Injection_Policy", V.Enum("reject", "allow"), "reject", L,
     "What to do with commands pipelined after STARTTLS.", supported=False)
 opt("Require_EHLO", V.BOOL, False, L, "Reject MAIL before EHLO/HELO.", supported=False)

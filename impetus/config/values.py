@@ -867,6 +867,196 @@ class RedisURL(ValueType):
         return f"{scheme}://{user}{h}:{port}/{db}"
 
 
+# ---------------------------------------------------------------------------
+# Outbound TLS (spec §7)
+
+#: TLS_Protocols version tokens, oldest first (SSLv2/SSLv3 are accepted and
+#: never enabled: no supported OpenSSL build offers them)
+TLS_VERSIONS = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+_TLS_TOKENS = {"all": None, "sslv2": (), "sslv3": (), "tlsv1": ("TLSv1.0",),
+               "tlsv1.0": ("TLSv1.0",), "tlsv1.1": ("TLSv1.1",), "tlsv1.2": ("TLSv1.2",),
+               "tlsv1.3": ("TLSv1.3",)}
+#: what ``ALL`` enables: "+ALL" means TLS 1.2 and 1.3 on modern OpenSSL (spec
+#: §7); TLS 1.0/1.1 only when named explicitly (``+TLSv1.0``)
+TLS_ALL = ("TLSv1.2", "TLSv1.3")
+TLS13_SUITES = ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
+                "TLS_AES_128_GCM_SHA256", "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256")
+
+
+def parse_tls_protocols(text: str) -> tuple[str, str]:
+    """``"+ALL:-TLSv1.0"`` -> (lowest, highest) enabled version name.
+
+    Tokens ``ALL SSLv2 SSLv3 TLSv1.0 TLSv1.1 TLSv1.2 TLSv1.3`` (any case,
+    ``TLSv1`` = ``TLSv1.0``), each prefixed ``+`` (default) or ``-``, joined
+    by ``:`` (spaces and ``,`` also separate), applied left to right.
+    Python's ``ssl`` sets a minimum and a maximum version only, so the
+    enabled versions must be contiguous.  Raises ValueError with the reason.
+    """
+    enabled: set[str] = set()
+    tokens = [t for t in re.split(r"[:,\s]+", text.strip()) if t]
+    if not tokens:
+        raise ValueError("no protocol is named")
+    for tok in tokens:
+        sign, name = ("+", tok)
+        if tok[0] in "+-!":
+            sign, name = ("+" if tok[0] == "+" else "-"), tok[1:]
+        key = name.lower()
+        if key not in _TLS_TOKENS:
+            raise ValueError(f"unknown protocol {_q(name)} (expected ALL, SSLv3, TLSv1.0, "
+                             "TLSv1.1, TLSv1.2 or TLSv1.3)")
+        versions = _TLS_TOKENS[key]
+        if versions is None:
+            versions = TLS_ALL if sign == "+" else TLS_VERSIONS
+        if sign == "+":
+            enabled |= set(versions)
+        else:
+            enabled -= set(versions)
+    if not enabled:
+        raise ValueError("no TLS version is left enabled")
+    idx = sorted(TLS_VERSIONS.index(v) for v in enabled)
+    if idx[-1] - idx[0] + 1 != len(idx):
+        gap = [TLS_VERSIONS[i] for i in range(idx[0], idx[-1]) if i not in idx]
+        raise ValueError(f"the enabled versions must be contiguous ({', '.join(gap)} is "
+                         "disabled between enabled ones; Python's ssl sets only a minimum and "
+                         "a maximum version)")
+    return TLS_VERSIONS[idx[0]], TLS_VERSIONS[idx[-1]]
+
+
+class TlsProtocols(ValueType):
+    """``TLS_Protocols``: validated with :func:`parse_tls_protocols`; the
+    value is kept as written (``impetus.tls`` turns it into a version range)."""
+
+    name = "protocols"
+    expected = 'a protocol list such as "+ALL:-TLSv1.0"'
+
+    def convert_scalar(self, text: str, node: Value) -> str:
+        try:
+            parse_tls_protocols(text)
+        except ValueError as exc:
+            raise BadValue(detail=str(exc)) from None
+        return text.strip()
+
+
+class TlsCiphers(ValueType):
+    """``TLS_Ciphers``: an OpenSSL cipher list, checked with OpenSSL at load.
+    GnuTLS priority strings other than ``NORMAL`` (= ``DEFAULT``) are refused."""
+
+    name = "cipher list"
+    expected = "an OpenSSL cipher list"
+
+    def convert_scalar(self, text: str, node: Value) -> str:
+        t = text.strip()
+        if not t:
+            raise BadValue(detail="empty")
+        if t.upper() in ("DEFAULT", "NORMAL"):
+            return "DEFAULT"
+        import ssl
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(t)
+        except ssl.SSLError:
+            raise BadValue(detail="OpenSSL accepts no cipher from this list") from None
+        return t
+
+
+class Tls13Suites(ValueType):
+    """``TLSv13_Ciphersuites``: a colon list of TLS 1.3 suite names.  Python's
+    ``ssl`` cannot choose TLS 1.3 suites: the value is checked and accepted,
+    and OpenSSL's defaults (the same three suites as Momentum's default) apply."""
+
+    name = "suite list"
+    expected = "a colon-separated list of TLS 1.3 cipher suites"
+
+    def convert_scalar(self, text: str, node: Value) -> str:
+        names = [n for n in re.split(r"[:\s]+", text.strip()) if n]
+        if not names:
+            raise BadValue(detail="empty")
+        bad = [n for n in names if n.upper() not in TLS13_SUITES]
+        if bad:
+            raise BadValue(detail=f"unknown suite {_q(bad[0])}; known: {', '.join(TLS13_SUITES)}")
+        return ":".join(n.upper() for n in names)
+
+
+class TlsFile(Path):
+    """``TLS_Certificate`` / ``TLS_Key``: a path (relative to the config
+    file's directory) or ``none``, which cancels a value inherited from a
+    broader scope (converts to the string ``"none"``)."""
+
+    name = "path|none"
+    expected = 'a path or "none"'
+
+    def convert(self, node: Value, base_dir: str) -> Any:
+        if node.kind == "scalar" and node.text.strip().lower() == "none":
+            return "none"
+        return super().convert(node, base_dir)
+
+
+def _unreadable(path: str, what: str = "a file") -> str | None:
+    if os.path.isdir(path):
+        return f"names {what} that cannot be read: {path}: is a directory"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return f"names {what} that cannot be read: {path}: {exc.strerror or exc}"
+    except ValueError as exc:
+        return f"names {what} that cannot be read: {path}: {exc}"
+    return None
+
+
+def tls_ca_problem(path: str) -> str | None:
+    """Why ``TLS_CA`` cannot be used (None if it can): loaded with ``ssl``."""
+    import ssl
+    problem = _unreadable(path)
+    if problem:
+        return problem
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        return f"file {path} holds no usable PEM CA certificate ({exc.reason or exc})"
+    except OSError as exc:
+        return f"names a file that cannot be read: {path}: {exc.strerror or exc}"
+    return None
+
+
+def tls_cert_problem(cert: str, key: str | None) -> str | None:
+    """Why a client certificate cannot be presented (None if it can): the
+    certificate and its key (``key`` None: in the certificate file) are
+    loaded with ``ssl`` as delivery will load them."""
+    import ssl
+    problem = _unreadable(cert)
+    if problem:
+        return problem
+    if key is not None:
+        problem = _unreadable(key, "a key file")
+        if problem:
+            return problem
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        where = f"key {key}" if key else "no TLS_Key: the key must be in the same file"
+        return (f"file {cert} is not a usable PEM certificate with its private key "
+                f"({where}): {exc.reason or exc}")
+    except OSError as exc:
+        return f"names a file that cannot be read: {cert}: {exc.strerror or exc}"
+    return None
+
+
+def tls_key_problem(key: str) -> str | None:
+    """A ``TLS_Key`` without any certificate to pair it with: readable and
+    holding a PEM private key."""
+    problem = _unreadable(key, "a key file")
+    if problem:
+        return problem
+    try:
+        with open(key, "rb") as fh:
+            data = fh.read(1 << 20)
+    except OSError as exc:
+        return f"names a key file that cannot be read: {key}: {exc.strerror or exc}"
+    if b"PRIVATE KEY-----" not in data:
+        return f"file {key} holds no PEM private key"
+    return None
+
+
 STR = Str()
 HOSTPORT = HostPort()
 PATH = Path()
@@ -888,4 +1078,8 @@ BIND_ADDRESS = BindAddress()
 EHLO_HOSTNAME = EhloHostname()
 REDIS_URL = RedisURL()
 ROUTES = Routes()
+TLS_PROTOCOLS = TlsProtocols()
+TLS_CIPHERS = TlsCiphers()
+TLS13_SUITES_TYPE = Tls13Suites()
+TLS_FILE = TlsFile()
 MAXRETRIES = MaxRetries()
