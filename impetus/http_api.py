@@ -22,7 +22,10 @@ Relay control and authentication are the SMTP listener's (the first
 ``ESMTP_Listener`` ``Listen``, or the global ``Relay_Hosts`` when there is
 none): the same policy object decides, for a session whose client is the
 HTTP client's address. HTTP Basic credentials are checked like SMTP AUTH
-PLAIN and, when they are good, relay like an authenticated SMTP client. The
+PLAIN (the listener's ``Auth_Password_File``) and, when they are good,
+relay like an authenticated SMTP client; like SMTP AUTH they are accepted
+only under TLS: an HTTPS ``Listen`` (``TLS_Certificate``/``TLS_Key`` in the
+``HTTP_Listener`` or its ``Listen``). The
 message gets our ``Received:`` header (``with HTTP``), the binding headers
 and policy hook apply (D3), it is committed to the spool before the reply,
 and the mainlog ``R`` line has protocol ``rest``.
@@ -132,8 +135,9 @@ OPENAPI: dict = {
     "components": {
         "securitySchemes": {
             "basicAuth": {"type": "http", "scheme": "basic",
-                          "description": "Checked like SMTP AUTH PLAIN by the SMTP listener; "
-                                         "an authenticated client may relay."},
+                          "description": "Checked like SMTP AUTH PLAIN by the SMTP listener "
+                                         "(Auth_Password_File), only over HTTPS as SMTP AUTH "
+                                         "only under TLS; an authenticated client may relay."},
         },
         "schemas": {
             "InjectRequest": {
@@ -220,6 +224,65 @@ def normalise_message(data: bytes) -> bytes:
     return data
 
 
+def server_tls_context(lc):
+    """HTTPS when the ``HTTP_Listener`` or its ``Listen`` sets
+    ``TLS_Certificate`` (and ``TLS_Key`` unless the key is in the same file).
+    A global ``TLS_Certificate`` is the outbound client certificate: it does
+    not count here."""
+    def own(name):
+        for sc in (lc.scope, lc.listener_scope):
+            value = sc.get(name)
+            if value is not None:
+                return value
+        return None
+    cert = own("tls_certificate")
+    if not cert or cert == "none":
+        return None
+    key = own("tls_key")
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, None if not key or key == "none" else key)
+    return ctx
+
+
+class _GlobalRelayPolicy:
+    """Relay control when there is no ESMTP listener to borrow it from:
+    the global ``Relay_Hosts`` and ``Relay_Domains``; no AUTH."""
+
+    def __init__(self, config, rejectlog, connids):
+        self.relay_hosts = list(config.lookup("Relay_Hosts") or [])
+        self.relay_domains = list(config.lookup("Relay_Domains") or [])
+        self.rejectlog = rejectlog
+        self.connids = connids
+
+    def check_connect(self, session):
+        session.conn_id = self.connids.next()
+
+    def check_mail(self, session, addr, params):
+        return None
+
+    def check_rcpt(self, session, addr, params):
+        import ipaddress
+        from .listener import RELAYING_DENIED, domain_matches
+        try:
+            ip = ipaddress.ip_address(session.peer_ip)
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if any(ip.version == n.version and ip in n for n in self.relay_hosts):
+                return None
+        except ValueError:
+            pass
+        if addr.domain and any(domain_matches(addr.domain, p) for p in self.relay_domains):
+            return None
+        return RELAYING_DENIED
+
+    def on_reject(self, session, reply, phase):
+        self.rejectlog.reject(remote=(session.peer_ip, session.peer_port),
+                              local=(session.local_ip, session.local_port),
+                              connid=session.conn_id, code=reply.code, text=str(reply),
+                              phase=phase, module="http_listener")
+
+
 async def close_sessions(sessions: dict) -> None:
     """Close the connections of running session tasks and let them end
     (cancelling a ``start_server`` callback task makes asyncio log it)."""
@@ -258,8 +321,10 @@ class HttpServer:
                     os.chmod(lc.path, 0o660 if mode is None else mode)
                     self.paths.append(lc.path)
                 else:
+                    ctx = server_tls_context(lc)
+                    tls = {"ssl": ctx, "ssl_handshake_timeout": READ_TIMEOUT} if ctx else {}
                     srv = await asyncio.start_server(handler, lc.host, lc.port,
-                                                     reuse_address=True)
+                                                     reuse_address=True, **tls)
             except OSError as exc:
                 raise OSError(f"HTTP_Listener Listen \"{lc.address}\": "
                               f"{exc.strerror or exc}") from None
@@ -290,6 +355,7 @@ class HttpServer:
         peer = writer.get_extra_info("peername")
         sock = writer.get_extra_info("sockname")
         peer = peer if isinstance(peer, tuple) else ("127.0.0.1", 0)
+        tls = writer.get_extra_info("ssl_object") is not None
         sock = sock if isinstance(sock, tuple) else ("127.0.0.1", 0)
         try:
             while True:
@@ -309,7 +375,8 @@ class HttpServer:
                 if request is None:
                     return
                 try:
-                    status, headers, payload = await self._dispatch(request, body, peer, sock)
+                    status, headers, payload = await self._dispatch(request, body, peer, sock,
+                                                                    tls)
                 except HttpError as exc:
                     status, (headers, payload) = exc.status, self._json_error(
                         exc.status, str(exc), **exc.extra)
@@ -390,7 +457,7 @@ class HttpServer:
         await writer.drain()
 
     # -- routing ---------------------------------------------------------------------
-    async def _dispatch(self, req, body: bytes, peer, sock):
+    async def _dispatch(self, req, body: bytes, peer, sock, tls: bool = False):
         target = req.target.decode("ascii", "replace")
         parts = urlsplit(target)
         path = parts.path
@@ -413,7 +480,7 @@ class HttpServer:
             return 200, [("content-type", CONTENT_TYPE)], payload
         if path == "/api/v1/openapi.json":
             return 200, [("content-type", "application/json")], openapi_text().encode()
-        result = await self.inject(headers, parts.query, body, peer, sock)
+        result = await self.inject(headers, parts.query, body, peer, sock, tls)
         return 202, [("content-type", "application/json")], json.dumps(result).encode()
 
     # -- the SMTP listener's policy --------------------------------------------------
@@ -444,10 +511,7 @@ class HttpServer:
         lst = self._listener()
         if lst is not None:
             return lst.policy
-        from .listener import RelayPolicy
-        config = self.server.config
-        return RelayPolicy(config.lookup("Relay_Hosts"), config.lookup("Relay_Domains"),
-                           self.server.logs.rejectlog, self.connids)
+        return _GlobalRelayPolicy(self.server.config, self.server.logs.rejectlog, self.connids)
 
     # -- POST /api/v1/inject -----------------------------------------------------------
     def _envelope(self, headers: dict, query: str, body: bytes):
@@ -544,10 +608,11 @@ class HttpServer:
         if "PLAIN" not in mechs:
             raise HttpError(401, "authentication is not enabled (the SMTP listener offers no "
                                  "AUTH PLAIN)")
-        if getattr(settings, "require_tls_for_auth", True) and not getattr(
-                settings, "auth_without_tls", False):
+        plaintext_ok = (not getattr(settings, "require_tls_for_auth", True)
+                        or getattr(settings, "auth_without_tls", False))
+        if not session.tls and not plaintext_ok:
             raise HttpError(401, "authentication over plain HTTP is refused, as SMTP AUTH "
-                                 "without TLS is")
+                                 "without TLS is: use an HTTPS Listen (TLS_Certificate)")
         check = getattr(policy, "check_auth", None)
         result = check(session, "PLAIN", user, password) if check else False
         if asyncio.iscoroutine(result):
@@ -557,7 +622,8 @@ class HttpServer:
         session.authenticated = user
         session.auth_mechanism = "PLAIN"
 
-    async def inject(self, headers: dict, query: str, body: bytes, peer, sock) -> dict:
+    async def inject(self, headers: dict, query: str, body: bytes, peer, sock,
+                     tls: bool = False) -> dict:
         from .smtp.reply import Reply
         from .smtp.server import Session
         from .spool import SpoolError, Submission
@@ -573,6 +639,8 @@ class HttpServer:
         policy = self._policy()
         session = Session(peer_ip=peer[0], peer_port=peer[1], local_ip=sock[0],
                           local_port=sock[1], helo="", protocol="rest")
+        if tls:
+            session.set_tls({})
         refused = policy.check_connect(session)
         if isinstance(refused, Reply):
             raise HttpError(403, str(refused))

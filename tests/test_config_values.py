@@ -255,7 +255,7 @@ def test_option_in_wrong_scope_names_valid_scopes():
         "valid scopes: global, domain"]
     assert errors("Enable = false") == [
         "t.conf:1:1: option 'Enable' is not valid at global scope; valid scopes: esmtp_listener, "
-        "listen, control_listener, control_listen"]
+        "listen, control_listener, control_listen, http_listener, http_listen"]
 
 
 def test_domain_option_valid_in_nested_domain():

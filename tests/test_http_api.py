@@ -231,3 +231,36 @@ def test_schemathesis_left_the_server_healthy(api_mta):
     assert api_mta.proc.poll() is None
     wait_until(lambda: "impetus starting" in "\n".join(api_mta.paniclog.lines()), 5)
     assert "internal error" not in "\n".join(api_mta.paniclog.lines())
+
+
+def test_basic_auth_over_https_relays_like_smtp_auth(tmp_path, dns_server, smtp_sinks, certs):
+    from impetus.auth import set_password
+    pwfile = tmp_path / "smtp.passwd"
+    set_password(str(pwfile), "alice", "wonderland")
+    sink = smtp_sinks(("127.0.0.5",))
+    https = free_port()
+    body = (f'Gateway = "127.0.0.5:{sink.port}"\n'
+            f'ESMTP_Listener {{ Auth_Password_File = "{pwfile}" }}\n'
+            f'HTTP_Listener {{ Listen "127.0.0.1:{https}" {{ TLS_Certificate = '
+            f'"{certs.server_crt}" TLS_Key = "{certs.server_key}" }} }}\n')
+    with ApiMTA(tmp_path / "mta", dns_server.resolv_conf, body,
+                relay_hosts='"192.0.2.0/24"') as m:
+        url = f"https://127.0.0.1:{https}/api/v1/inject"
+        msg = {"mail_from": "a@src.test", "rcpt_to": ["x@example.test"], "content": MESSAGE}
+        # no credentials: relaying denied, as for an unauthenticated SMTP client
+        r = requests.post(url, json=msg, verify=certs.ca_pem, timeout=30)
+        assert r.status_code == 403
+        # wrong password
+        r = requests.post(url, json=msg, verify=certs.ca_pem, timeout=30,
+                          auth=("alice", "looking-glass"))
+        assert r.status_code == 401 and r.json()["error"] == "authentication credentials invalid"
+        # good credentials over HTTPS: may relay
+        r = requests.post(url, json=msg, verify=certs.ca_pem, timeout=30,
+                          auth=("alice", "wonderland"))
+        assert r.status_code == 202, r.text
+        [got] = sink.wait_for(1)
+        assert got["rcpt_tos"] == ["x@example.test"]
+        # the same credentials over plain HTTP are refused, as AUTH without TLS is
+        r = m.inject(json=msg, auth=("alice", "wonderland"))
+        assert r.status_code == 401 and "plain HTTP" in r.json()["error"]
+        assert [rec[11] for rec in m.receptions()] == ["rest"]

@@ -258,11 +258,12 @@ opt("TLS_CA", V.PATH, None, OUT,
     "PEM CA bundle for TLS_Verify (unset: the system CAs); also trusted, with the system CAs, "
     "for MTA-STS policy fetches and MTA-STS enforced deliveries. Checked at load.",
     supported=True)
-opt("TLS_Certificate", V.TLS_FILE, None, OUTL,
+opt("TLS_Certificate", V.TLS_FILE, None, OUTL + ("http_listener", "http_listen"),
     "PEM client certificate presented to the next hop (may also hold the key); 'none' cancels "
-    "an inherited one. Loaded at start: a missing or unusable file is a config error.",
+    "an inherited one. Loaded at start: a missing or unusable file is a config error. In a "
+    "listener (ESMTP or HTTP): the server certificate (HTTP_Listener: HTTPS).",
     supported=True)
-opt("TLS_Key", V.TLS_FILE, None, OUTL,
+opt("TLS_Key", V.TLS_FILE, None, OUTL + ("http_listener", "http_listen"),
     "PEM key for TLS_Certificate when it is not in the certificate file; 'none' cancels an "
     "inherited one.", supported=True)
 opt("TLS_Protocols", V.TLS_PROTOCOLS, "+ALL", OUTL,
