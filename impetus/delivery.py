@@ -437,7 +437,11 @@ class Connection:
         """A fresh session (the peer no longer lets this one change identity)."""
         await self.quit()
         self._reset()
-        await self.open()
+        try:
+            await self.open()
+        except DeliveryError:
+            self.close()   # never hand a half-open session back to the scheduler
+            raise
 
     async def _xclient(self, facts: ClientFacts) -> None:
         """XCLIENT for the client that injected the next message; raises

@@ -105,11 +105,13 @@ def client_context(s: TlsSettings, verify_chain: bool) -> ssl.SSLContext:
     else:
         ctx.verify_mode = ssl.CERT_NONE
     lo, hi = protocol_range(s.protocols)
+    ciphers = s.ciphers or "DEFAULT"
     if lo < ssl.TLSVersion.TLSv1_2:
-        # OpenSSL's security level refuses TLS < 1.2 unless lowered.
-        ctx.set_ciphers((s.ciphers if s.ciphers != "DEFAULT" else "DEFAULT") + ":@SECLEVEL=0")
-    elif s.ciphers and s.ciphers != "DEFAULT":
-        ctx.set_ciphers(s.ciphers)
+        # OpenSSL's security level refuses TLS < 1.2 unless lowered (the
+        # operator named the old version explicitly).
+        ctx.set_ciphers(ciphers + ":@SECLEVEL=0")
+    elif ciphers != "DEFAULT":
+        ctx.set_ciphers(ciphers)
     ctx.minimum_version = lo
     ctx.maximum_version = hi
     if s.cert:

@@ -462,3 +462,34 @@ async def test_session_that_stops_offering_xclient_is_reopened():
         assert "XCLIENT ADDR=127.0.0.8 HELO=other.test" in sessions[1]
     finally:
         server.close()
+
+
+async def test_failed_reopen_leaves_the_connection_broken():
+    # as above, but the host accepts no new connection when a fresh session is needed
+    async def session(reader, writer):
+        xclient_done = False
+        writer.write(b"220 fake\r\n")
+        while raw := await reader.readline():
+            cmd = raw.split(b" ")[0].strip().upper()
+            if cmd == b"EHLO":
+                writer.write(ehlo_reply() if xclient_done else ehlo_reply("XCLIENT ADDR"))
+            elif cmd == b"XCLIENT":
+                xclient_done = True
+                server.close()          # no more sessions
+                writer.write(b"220 again\r\n")
+            elif cmd == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+        writer.close()
+    server = await asyncio.start_server(session, "127.0.0.2", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        c = conn(port, xclient="ifavailable")
+        await c.open()
+        await c._xclient(CLIENT)                          # XCLIENT accepted, no longer offered
+        other = ClientFacts.from_reception("127.0.0.8")
+        [r] = await c.send("a@src.test", ["bob@example.test"], BODY, client=other)
+        assert r.reply.code == 421 and "connect to 127.0.0.2" in r.reply.text
+        assert c.broken
+    finally:
+        server.close()
