@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from impetus.delivery import (ClientFacts, Connection, DeliveryError, Timeouts, TlsPolicyError)
+from impetus.delivery import ClientFacts, Connection, Timeouts, TlsPolicyError
 from impetus.router import NextHop
 from impetus.smtp.client import Stage
 from impetus.tls import TlsSettings
