@@ -304,3 +304,47 @@ def test_missing_body_still_bounces(tmp_path, dns_server, smtp_sinks):
                    what="a bounce to alice@src.test")
     finally:
         m.stop()
+
+
+def test_delivery_while_the_spool_is_full_loses_nothing(tmp_path, dns_server, smtp_sinks,
+                                                        small_tmpfs):
+    """Delivery resumes while the disk is still full: the spool cannot record
+    that messages are done (paniclog ``spool update failed``), nothing
+    crashes, and after space returns and a restart every acknowledged
+    message has been delivered at least once (copies delivered again after
+    the restart are the at-least-once price, counted here)."""
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
+    dns_server.set_timeout("example.test")
+    m = mta(tmp_path, dns_server, sink.port).start()
+    try:
+        filler = fill(small_tmpfs, 400 * 1024)
+        acked = []
+        for i in range(40):
+            if send(m, f"df-{i}", 60 * 1024)[0] != 250:
+                break
+            acked.append(f"df-{i}")
+        assert acked and len(acked) < 40
+        with open(small_tmpfs / "filler2", "wb", buffering=0) as f:   # every last block
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        dns_server.set_timeout("example.test", False)
+        wait_until(lambda: set(acked) <= set(delivered_ids(sink)), 20,
+                   what="delivery while the spool is full")
+        assert m.proc.poll() is None
+        assert any("spool update failed" in ln for ln in m.paniclog.lines())
+        filler.unlink()
+        (small_tmpfs / "filler2").unlink()
+        assert m.stop(signal.SIGTERM) == 0
+        m.start()
+        time.sleep(2.0)    # anything left in the spool is delivered again now
+        ids = delivered_ids(sink)
+        assert set(acked) <= set(ids)
+        print(f"disk full during delivery: {len(acked)} acked, {len(ids)} deliveries, "
+              f"{len(ids) - len(set(ids))} delivered again after the restart")
+        assert send(m, "after")[0] == 250
+        wait_until(lambda: "after" in delivered_ids(sink), 15, what="new mail after the restart")
+    finally:
+        m.stop()

@@ -7,6 +7,12 @@ Actions: close, hang, 4xx, 5xx, garbage (tests/peers/scripted_peer.py).
 
 Expected outcomes (spec §10.2 responses, §12.5 stage codes, docs/DECISIONS.md):
 
+* STARTTLS (``TLS = required``, spec §7: required TLS that cannot be had
+  is a temp-fail): ``T`` stage 15, ``451 4.7.5 [internal] send STARTTLS
+  failed`` (close, hang, garbage) or ``451 4.7.5 [internal] no tls
+  go-ahead`` (4xx, 5xx); after the fault is lifted the message goes out over
+  TLS. With ``TLS = ifavailable`` (``TLS_Ifavailable_Fallback = true``) every
+  STARTTLS fault ends in a plain-text delivery at once, without a ``T``.
 * banner / EHLO (any action, the 5xx to EHLO after the HELO fallback too):
   a connection-set-up failure; the host is marked failed and the next MX is
   tried. With no other MX: ``T`` stage 0
@@ -53,7 +59,9 @@ STAGE_CODE = {"mail": "2", "rcpt": "4", "data": "6", "body": "8", "final": "9"}
 PANIC_DETAIL = {"close": "connection closed by remote host", "garbage": "garbled response"}
 SETUP_HANG = {"banner": "no banner", "ehlo": "no HELO/EHLO response"}
 
-MATRIX_STAGES = ("banner", "ehlo", "mail", "rcpt", "data", "body", "final")
+MATRIX_STAGES = ("banner", "ehlo", "starttls", "mail", "rcpt", "data", "body", "final")
+STARTTLS_FAILED = "451 4.7.5 [internal] send STARTTLS failed"
+NO_GO_AHEAD = "451 4.7.5 [internal] no tls go-ahead"
 BIG_BODY = 6 << 20   # > the client's socket send buffer: "body" faults strike mid-write
 SENDER = "sender@bounces.test"
 TIMEOUT = 2          # every SMTP timeout in the MTA config
@@ -80,7 +88,8 @@ class Cell:
     host: str
     domain: str
     pipelining: bool = True
-    failover: bool = False
+    kind: str = "matrix"      # matrix | failover (second MX) | fallback (TLS = ifavailable)
+    tls: str | None = None    # the domain's TLS option
     state: str = "armed"      # armed -> lifted|failed -> done
     first: list | None = None  # first T/P mainlog record
     lifted_at: float | None = None
@@ -89,6 +98,10 @@ class Cell:
     @property
     def rcpt(self) -> str:
         return f"user@{self.domain}"
+
+    @property
+    def key(self) -> str:
+        return self.label if self.kind == "matrix" else f"{self.label}/{self.kind}"
 
 
 @dataclass
@@ -119,13 +132,22 @@ def _cells() -> list[Cell]:
                     continue  # kills the MTA (SIGPIPE): test_body_reset_does_not_kill_the_mta
                 label = f"{stage}-{action}-{'p' if pipelining else 'n'}"
                 out.append(Cell(label, stage, action, f"127.0.1.{i}", f"{label}.faults.test",
-                                pipelining))
+                                pipelining, tls="required" if stage == "starttls" else None))
     for j, stage in enumerate(("banner", "ehlo")):
         for k, action in enumerate(ACTIONS):
             label = f"{stage}-{action}"
             out.append(Cell(label, stage, action, f"127.0.2.{j * 10 + k + 1}",
-                            f"{label}.failover.test", failover=True))
+                            f"{label}.failover.test", kind="failover"))
+    for k, action in enumerate(ACTIONS):
+        label = f"starttls-{action}"
+        out.append(Cell(label, "starttls", action, f"127.0.2.{30 + k + 1}",
+                        f"{label}.fallback.test", kind="fallback", tls="ifavailable"))
     return out
+
+
+def _domain_stanzas(cells: list[Cell]) -> str:
+    return "".join(f'Domain "{c.domain}" {{\n  TLS = {c.tls}\n  TLS_Verify = no\n}}\n'
+                   for c in cells if c.tls)
 
 
 CELLS = _cells()
@@ -135,7 +157,7 @@ def _zone(cells: list[Cell]) -> str:
     lines = ["bounces IN A 127.0.3.2", "backup.failover IN A 127.0.3.1"]
     for c in cells:
         name = c.domain[:-len(".test")]
-        if c.failover:
+        if c.kind == "failover":
             lines += [f"{name} IN MX 10 mx-{name}.test.", f"{name} IN MX 20 backup.failover.test.",
                       f"mx-{name} IN A {c.host}"]
         else:
@@ -160,19 +182,20 @@ def _first_failure(run: MatrixRun, cell: Cell):
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory) -> MatrixRun:
+def matrix(tmp_path_factory, certs) -> MatrixRun:
     work: Path = tmp_path_factory.mktemp("faults")
     dns = DnsServer(work / "dns").start()
     hosts = [c.host for c in CELLS] + ["127.0.3.1", "127.0.3.2"]
-    peer = ScriptedPeer(hosts).start()
+    peer = ScriptedPeer(hosts, tls_context=certs.server_context("server")).start()
     mta = None
     try:
         dns.add(_zone(CELLS))
-        mta = MTA(work / "mta", dns.resolv_conf,
-                  body=f"Remote_SMTP_Port = {peer.port}\n{CONFIG}").start()
-        run = MatrixRun(mta, peer, {c.label + ("/f" if c.failover else ""): c for c in CELLS})
+        config = f"Remote_SMTP_Port = {peer.port}\n{CONFIG}\n{_domain_stanzas(CELLS)}"
+        mta = MTA(work / "mta", dns.resolv_conf, body=config).start()
+        run = MatrixRun(mta, peer, {c.key: c for c in CELLS})
         for c in CELLS:
-            peer.arm(c.host, c.stage, c.action, pipelining=c.pipelining)
+            peer.arm(c.host, c.stage, c.action, pipelining=c.pipelining,
+                     starttls=c.stage == "starttls")
         t0 = time.monotonic()
         for c in CELLS:
             mta.send(SENDER, [c.rcpt], _message(c))
@@ -183,7 +206,7 @@ def matrix(tmp_path_factory) -> MatrixRun:
             bounces = peer.accepted(run.bounce_host)
             for c in list(pending):
                 if c.state == "armed":
-                    if c.failover:
+                    if c.kind != "matrix":
                         if run.recs(c, "D"):
                             c.state, c.done_at = "done", time.monotonic()
                             pending.remove(c)
@@ -232,7 +255,7 @@ XFAIL_CELLS = {"rcpt-garbage-p": GARBLED_STAGE_BUG, "data-garbage-p": GARBLED_ST
 def _matrix_params():
     params = []
     for c in CELLS:
-        if c.failover:
+        if c.kind != "matrix":
             continue
         marks = ()
         if c.label in XFAIL_CELLS:
@@ -241,8 +264,8 @@ def _matrix_params():
     return params
 
 
-def _failover_params():
-    return [pytest.param(c.label + "/f", id=c.label) for c in CELLS if c.failover]
+def _params(kind: str):
+    return [pytest.param(c.key, id=c.label) for c in CELLS if c.kind == kind]
 
 
 def _delivered_copies(run: MatrixRun, host: str, rcpt: str) -> list[dict]:
@@ -266,6 +289,9 @@ def test_fault_cell(matrix: MatrixRun, label: str):
         if c.stage == "ehlo" and c.action == "5xx":
             cmds = [cmd.split()[0] for s in matrix.peer.sessions(c.host) for cmd in s["commands"]]
             assert cmds[:2] == ["EHLO", "HELO"], "a 5xx to EHLO must be followed by HELO"
+    elif c.stage == "starttls":
+        want = NO_GO_AHEAD if c.action in ("4xx", "5xx") else STARTTLS_FAILED
+        assert (rtype, stage, response) == ("T", "15", want)
     else:
         want_stage = STAGE_CODE[c.stage]
         if c.stage == "body" and c.action in ("4xx", "5xx", "garbage"):
@@ -290,6 +316,8 @@ def test_fault_cell(matrix: MatrixRun, label: str):
         assert ds[0][11] == c.host
         assert len(copies) == 1, f"{label}: the peer accepted {len(copies)} copies"
         assert copies[0]["data"].count(f"Message-ID: <{c.label}@faults.test>".encode()) == 1
+        if c.tls == "required":
+            assert copies[0]["tls"] is True, "delivered without the required TLS"
     else:
         assert not ds and not copies, f"{label}: permanently failed message was delivered"
         assert [b for b in matrix.bouncelog if b[5:7] == ["user", c.domain]], "no bouncelog B line"
@@ -299,7 +327,7 @@ def test_fault_cell(matrix: MatrixRun, label: str):
         assert fault_text(c.stage, c.action).encode() in bounces[0]["data"]
 
 
-@pytest.mark.parametrize("label", _failover_params())
+@pytest.mark.parametrize("label", _params("failover"))
 def test_setup_fault_fails_over_to_next_mx(matrix: MatrixRun, label: str):
     c: Cell = matrix.cells[label]
     assert matrix.peer.fired(c.host) >= 1
@@ -308,6 +336,20 @@ def test_setup_fault_fails_over_to_next_mx(matrix: MatrixRun, label: str):
     assert len(ds) == 1 and ds[0][11] == matrix.backup_host and ds[0][9] == "0", ds
     assert len(_delivered_copies(matrix, matrix.backup_host, c.rcpt)) == 1
     assert not _delivered_copies(matrix, c.host, c.rcpt)
+
+
+@pytest.mark.parametrize("label", _params("fallback"))
+def test_starttls_fault_falls_back_to_plain_text(matrix: MatrixRun, label: str):
+    """``TLS = ifavailable``: a refused or failed STARTTLS is followed by a
+    plain-text delivery at once (on the same session after a 4xx/5xx, on a
+    new one after close/hang/garbage); no ``T``, one copy."""
+    c: Cell = matrix.cells[label]
+    assert matrix.peer.fired(c.host) >= 1
+    assert not matrix.recs(c, "T") and not matrix.recs(c, "P"), matrix.recs(c)
+    ds = matrix.recs(c, "D")
+    assert len(ds) == 1 and ds[0][11] == c.host and ds[0][9] == "0", ds
+    [copy] = _delivered_copies(matrix, c.host, c.rcpt)
+    assert copy["tls"] is False
 
 
 def test_matrix_runs_in_bounded_time(matrix: MatrixRun):
@@ -346,7 +388,7 @@ def test_body_reset_does_not_kill_the_mta(tmp_path, dns_server):
             try:
                 m.send(SENDER, [c.rcpt], _message(c))
             except OSError as exc:  # smtplib errors are OSErrors
-                assert m.proc.poll() is None, f"impetus serve died (rc {m.proc.returncode}): {exc!r}"
+                assert m.proc.poll() is None, f"impetus serve died ({m.proc.returncode}): {exc!r}"
                 raise
 
         def settled():
@@ -370,33 +412,3 @@ def test_body_reset_does_not_kill_the_mta(tmp_path, dns_server):
 
 def _delivered_copies_at(peer: ScriptedPeer, host: str, rcpt: str) -> list[dict]:
     return [x for x in peer.accepted(host) if rcpt in x["rcpt_tos"]]
-
-
-# ---------------------------------------------------------------- STARTTLS
-@pytest.mark.xfail(strict=True, reason=(
-    "outbound STARTTLS is not implemented: `TLS` is 'not supported yet' in the option "
-    "table, so `impetus serve` refuses a config with `TLS = required` and the STARTTLS "
-    "stage (§12.5 stage 15) is never reached"))
-@pytest.mark.parametrize("action", ACTIONS)
-def test_starttls_fault(tmp_path, dns_server, certs, action):
-    """``TLS = required``: every STARTTLS fault is transient (spec §7: required
-    TLS that cannot be had is a temp-fail), logged at stage 15; once the
-    fault is lifted the message goes out over TLS."""
-    host = "127.0.4.1"
-    peer = ScriptedPeer([host], tls_context=certs.server_context("server")).start()
-    try:
-        peer.arm(host, "starttls", action, starttls=True)
-        dns_server.add(f"tls IN A {host}\n")
-        with MTA(tmp_path / "mta", dns_server.resolv_conf,
-                 body=f"Remote_SMTP_Port = {peer.port}\n{CONFIG}\n"
-                      f"TLS = required\nTLS_Verify = no\n") as m:
-            m.send(SENDER, ["user@tls.test"])
-            t = m.mainlog.wait_for("T")[0]
-            assert t[9] == "15"
-            assert t[-1].startswith("4")
-            peer.lift(host)
-            m.mainlog.wait_for("D")
-            [msg] = peer.accepted(host)
-            assert msg["tls"] is True
-    finally:
-        peer.close()
