@@ -86,8 +86,9 @@ def fill(where: Path, leave: int) -> Path:
 def test_full_spool_answers_452_and_recovers(tmp_path, dns_server, smtp_sinks, small_tmpfs):
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     dns_server.set_timeout("example.test")       # hold delivery: mail stays in the spool
-    m = mta(tmp_path, dns_server, sink.port).start()
+    m = mta(tmp_path, dns_server, sink.port)
     try:
+        m.start()
         filler = fill(small_tmpfs, 600 * 1024)
         acked, refused = [], []
         for i in range(40):
@@ -128,9 +129,14 @@ def queue_messages(tmp_path, dns_server, sink_port, n: int, prefix: str) -> MTA:
     """An MTA that accepted ``n`` messages it could not deliver, stopped
     cleanly (SIGTERM: the WAL is checkpointed into spool-00.db)."""
     dns_server.set_timeout("example.test")
-    m = mta(tmp_path, dns_server, sink_port).start()
-    for i in range(n):
-        assert send(m, f"{prefix}-{i}", 2000)[0] == 250
+    m = mta(tmp_path, dns_server, sink_port)
+    try:
+        m.start()
+        for i in range(n):
+            assert send(m, f"{prefix}-{i}", 2000)[0] == 250
+    except BaseException:
+        m.stop()
+        raise
     assert m.stop(signal.SIGTERM) == 0
     dns_server.set_timeout("example.test", False)
     return m
@@ -179,8 +185,8 @@ def test_garbage_spool_shard_is_quarantined_and_the_rest_loads(tmp_path, dns_ser
     bad = m.spool / "spool-03.db"
     junk = os.urandom(64 * 1024)
     bad.write_bytes(junk)
-    m.start()
     try:
+        m.start()
         sink.wait_for(5)
         assert sorted(delivered_ids(sink)) == sorted(f"good-{i}" for i in range(5))
         assert logged_quarantine(m, "spool-03.db")
@@ -199,8 +205,8 @@ def test_truncated_spool_shard_is_quarantined_and_the_rest_loads(tmp_path, dns_s
     bad = write_shard(m.spool, 4, 30, "cut")
     with open(bad, "r+b") as f:
         f.truncate(os.path.getsize(bad) // 2)
-    m.start()
     try:
+        m.start()
         wait_until(lambda: {f"good-{i}" for i in range(5)} <= set(delivered_ids(sink)), 15,
                    what="the intact shard's mail")
         assert logged_quarantine(m, "spool-04.db")
@@ -220,8 +226,8 @@ def test_truncated_main_spool_is_quarantined_and_mta_starts(tmp_path, dns_server
     db = m.spool / "spool-00.db"
     with open(db, "r+b") as f:
         f.truncate(os.path.getsize(db) // 2)
-    m.start()
     try:
+        m.start()
         assert logged_quarantine(m, "spool-00.db")
         assert quarantined_copies(m.spool, "spool-00.db")
         assert send(m, "new")[0] == 250
@@ -245,8 +251,8 @@ def test_corrupt_record_is_quarantined_and_the_rest_loads(tmp_path, dns_server, 
         bad = db.execute("SELECT msgid FROM messages ORDER BY received_at LIMIT 1").fetchone()[0]
         db.execute("UPDATE messages SET next_attempt='garbage' WHERE msgid=?", (bad,))
     db.close()
-    m.start()
     try:
+        m.start()
         wait_until(lambda: len(delivered_ids(sink)) >= 4, 15, what="the four intact messages")
         time.sleep(0.5)
         assert sorted(delivered_ids(sink)) == [f"rec-{i}" for i in range(1, 5)]
@@ -273,8 +279,8 @@ def test_missing_body_fails_that_message_only(tmp_path, dns_server, smtp_sinks):
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     m = queue_messages(tmp_path, dns_server, sink.port, 5, "body")
     msgid = lose_a_body(m)
-    m.start()
     try:
+        m.start()
         p = m.mainlog.wait_for("P")[0]
         assert p[1] == msgid and p[-1] == "554 5.3.0 [internal] message body lost from spool"
         wait_until(lambda: len(delivered_ids(sink)) >= 4, 15, what="the other four messages")
@@ -297,8 +303,8 @@ def test_missing_body_still_bounces(tmp_path, dns_server, smtp_sinks):
     dns_server.add("src IN MX 10 mx1.example.test.\n")   # bounces to alice@src.test reach the sink
     m = queue_messages(tmp_path, dns_server, sink.port, 3, "nb")
     lose_a_body(m)
-    m.start()
     try:
+        m.start()
         m.mainlog.wait_for("P")
         wait_until(lambda: [x for x in sink.messages if x["mail_from"] in ("", "<>")], 6,
                    what="a bounce to alice@src.test")
@@ -315,8 +321,9 @@ def test_delivery_while_the_spool_is_full_loses_nothing(tmp_path, dns_server, sm
     the restart are the at-least-once price, counted here)."""
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     dns_server.set_timeout("example.test")
-    m = mta(tmp_path, dns_server, sink.port).start()
+    m = mta(tmp_path, dns_server, sink.port)
     try:
+        m.start()
         filler = fill(small_tmpfs, 400 * 1024)
         acked = []
         for i in range(40):

@@ -191,7 +191,8 @@ def matrix(tmp_path_factory, certs) -> MatrixRun:
     try:
         dns.add(_zone(CELLS))
         config = f"Remote_SMTP_Port = {peer.port}\n{CONFIG}\n{_domain_stanzas(CELLS)}"
-        mta = MTA(work / "mta", dns.resolv_conf, body=config).start()
+        mta = MTA(work / "mta", dns.resolv_conf, body=config)
+        mta.start()
         run = MatrixRun(mta, peer, {c.key: c for c in CELLS})
         for c in CELLS:
             peer.arm(c.host, c.stage, c.action, pipelining=c.pipelining,

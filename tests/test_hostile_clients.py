@@ -86,7 +86,11 @@ def start_mta(tmp_path, dns_server, sink_port: int, extra: str = "", listener: s
     if listener:
         text = m.config_path.read_text().replace("  Listen \"", f"  {listener}\n  Listen \"", 1)
         m.config_path.write_text(text)
-    return m.start()
+    try:
+        return m.start()
+    except BaseException:
+        m.stop()     # a start that timed out leaves the process running
+        raise
 
 
 def transaction(c: Raw, rcpt: str = "bob@example.test", body: bytes = b"Subject: t\r\n\r\nhi\r\n"
