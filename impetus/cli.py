@@ -131,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `impetus options | head` must not traceback
     args = build_parser().parse_args(argv)
+    if args.command in ("options", "check-config", "route"):
+        # `impetus options | head` must not traceback; never for the servers,
+        # where a peer's reset must be an EPIPE error, not death by SIGPIPE.
+        import signal
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     return args.func(args)
 
 

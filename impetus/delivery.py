@@ -170,6 +170,7 @@ class Connection:
         self.deliveries = 0
         self.broken = False
         self.opened_at = time.monotonic()
+        self.garbled: Reply | None = None  # set once the peer sent an unparsable reply
         self.cap_keys: list = []  # the scheduler's connection caps this connection holds
         self.rcpts_sent = 0
 
@@ -195,6 +196,8 @@ class Connection:
     async def _reply(self, timeout: float, stage: int) -> Reply:
         deadline = time.monotonic() + timeout
         while not self.pending:
+            if self.garbled is not None:
+                raise DeliveryError(self.garbled, stage, True)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.broken = True
@@ -213,9 +216,13 @@ class Connection:
             try:
                 self.pending.extend(self.parser.feed(data))
             except ProtocolError as exc:
+                # Valid replies before the garbage still answer their commands;
+                # the garbage fails whichever command it was meant to answer.
                 self.broken = True
-                raise DeliveryError(Reply(451, "4.4.2", f"[internal] garbled response: {exc}"),
-                                    stage, True) from None
+                self.pending.extend(getattr(exc, "replies", ()))
+                self.garbled = Reply(451, "4.4.2", f"[internal] garbled response: {exc}")
+                if not self.pending:
+                    raise DeliveryError(self.garbled, stage, True) from None
         return self.pending.pop(0)
 
     # -- session -----------------------------------------------------------
@@ -233,6 +240,7 @@ class Connection:
         self.reader = self.writer = None
         self.parser = ReplyParser()
         self.pending = []
+        self.garbled = None
         self.extensions = {}
         self.broken = False
         self.tls_info = None

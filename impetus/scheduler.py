@@ -777,7 +777,12 @@ class Scheduler:
 
     def _bounce(self, items, last_response: Reply | None) -> None:
         first = items[0][0]
-        original = self._body(first.batch_id)
+        inline = self.config.lookup("Bounces_Inline_Original", domain=first.domain,
+                                    binding=first.binding)
+        try:
+            original = self._body(first.batch_id)
+        except SpoolError:
+            original, inline = b"", "none"  # the body is gone; the DSN still goes out
         failures = []
         for m, reply, remote_ip in items:
             diag = str(reply)
@@ -790,9 +795,7 @@ class Scheduler:
                                           binding=first.binding) or f"mailer-daemon@{self.hostname}"
         data = render_bounce(original=original, original_sender=first.sender, failures=failures,
                              reporting_mta=self.hostname, mailerdaemon=mailerdaemon,
-                             inline=self.config.lookup("Bounces_Inline_Original",
-                                                       domain=first.domain, binding=first.binding),
-                             arrival_date=first.received_at)
+                             inline=inline, arrival_date=first.received_at)
         self.stats["bounces"] += 1
         self._background_task(self._inject_bounce(first.sender, data))
 

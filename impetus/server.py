@@ -84,7 +84,8 @@ class Server:
         self.hostname = config.lookup("Hostname") or socket.gethostname()
         self.logs = make_logs(config)
         spoolbase = config.lookup("Spoolbase")
-        self.spool = SpoolSet(spoolbase, own=0, shards=range(1, reception_processes + 1))
+        self.spool = SpoolSet(spoolbase, own=0, shards=range(1, reception_processes + 1),
+                              warn=self.logs.paniclog.panic)
         self.notify_path = os.path.join(spoolbase, "notify.sock")
         self.resolver = make_resolver(config)
         self.scheduler: Scheduler | None = None
@@ -289,7 +290,7 @@ class ReceptionProcess:
         self.config_path = config_path
         self.hostname = config.lookup("Hostname") or socket.gethostname()
         self.logs = make_logs(config)
-        self.spool = Spool(config.lookup("Spoolbase"), shard)
+        self.spool = Spool(config.lookup("Spoolbase"), shard, warn=self.logs.paniclog.panic)
         self.notifier = ipc.Notifier(notify_path)
         self.assigner = BindingAssigner(config, self.logs.paniclog, config.lookup("Policy_Module"))
         self.listeners: list[Listener] = []

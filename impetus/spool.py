@@ -140,7 +140,8 @@ class _Op:
 
 
 class Spool:
-    def __init__(self, spoolbase: str, shard: int = 0):
+    def __init__(self, spoolbase: str, shard: int = 0, warn=None):
+        self.warn = warn or log.warning  # the server points this at the paniclog
         self.spoolbase = spoolbase
         self.shard = shard
         self.path = os.path.join(spoolbase, f"spool-{shard:02d}.db")
@@ -158,15 +159,80 @@ class Spool:
     def open(self) -> None:
         os.makedirs(self.spoolbase, exist_ok=True)
         try:
-            self._db = self._connect()
-            self._db.executescript(SCHEMA)
-            self._db.commit()
-            self._read_db = self._connect()
+            self._open_db()
+            problem = self._check()
         except sqlite3.DatabaseError as exc:
-            raise SpoolError(f"cannot open spool {self.path}: {exc}") from exc
+            problem = str(exc)
+        if problem:
+            self._quarantine_and_salvage(problem)
         self._thread = threading.Thread(target=self._writer, name=f"spool-writer-{self.shard}",
                                         daemon=True)
         self._thread.start()
+
+    def _open_db(self) -> None:
+        self._db = self._connect()
+        self._db.executescript(SCHEMA)
+        self._db.commit()
+        self._read_db = self._connect()
+
+    def _check(self) -> str | None:
+        """SQLite's own structural check of the file: None when sound."""
+        rows = self._read_db.execute("PRAGMA quick_check(5)").fetchall()
+        problems = [r[0] for r in rows if r[0] != "ok"]
+        return "; ".join(problems) or None
+
+    def _quarantine_and_salvage(self, problem: str) -> None:
+        """Move a corrupt spool file aside (never delete mail we might still
+        read by hand), start a fresh one, and copy into it every message whose
+        row and body can still be read."""
+        salvaged = []
+        for db in (self._read_db, self._db):
+            if db is not None:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
+        self._db = self._read_db = None
+        try:
+            src = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            cur = src.execute("SELECT * FROM messages")
+            while True:
+                try:
+                    row = cur.fetchone()
+                except sqlite3.DatabaseError:
+                    break
+                if row is None:
+                    break
+                try:
+                    body = src.execute("SELECT data FROM bodies WHERE batch_id=?",
+                                       (row[1],)).fetchone()
+                except sqlite3.DatabaseError:
+                    body = None
+                if body is not None:
+                    salvaged.append((row, body[0]))
+            src.close()
+        except sqlite3.DatabaseError:
+            pass
+        qdir = os.path.join(self.spoolbase, "quarantine")
+        os.makedirs(qdir, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = os.path.basename(self.path)
+        dest = os.path.join(qdir, f"{name}.{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, dest + suffix)
+        try:
+            self._open_db()
+            with self._db:
+                for row, body in salvaged:
+                    self._db.execute("INSERT OR IGNORE INTO bodies(batch_id, data) VALUES (?, ?)",
+                                     (row[1], body))
+                    self._db.execute("INSERT OR IGNORE INTO messages VALUES "
+                                     "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        except sqlite3.DatabaseError as exc:
+            raise SpoolError(f"cannot create a new spool file {self.path}: {exc}") from exc
+        self.warn(f"spool file {self.path} is corrupt ({problem}); quarantined as {dest}; "
+                  f"{len(salvaged)} readable message(s) copied into a new spool file")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -200,13 +266,33 @@ class Spool:
                 "SELECT msgid, batch_id, sender, rcpt, domain, binding, grp, received_at,"
                 " retries, next_attempt, size, peer_ip, proto, helo FROM messages"
                 " ORDER BY received_at")
-            while rows := cur.fetchmany(10000):
-                for (msgid, batch_id, sender, rcpt, domain, binding, grp, received_at, retries,
-                     next_attempt, size, peer_ip, proto, helo) in rows:
+            while True:
+                try:
+                    rows = cur.fetchmany(10000)
+                except sqlite3.DatabaseError as exc:
+                    self.warn(f"spool file {self.path}: stopped reading queued messages after "
+                              f"{len(out)}: {exc}")
+                    break
+                if not rows:
+                    break
+                for row in rows:
+                    (msgid, batch_id, sender, rcpt, domain, binding, grp, received_at, retries,
+                     next_attempt, size, peer_ip, proto, helo) = row
+                    try:
+                        received_at, next_attempt = float(received_at), float(next_attempt)
+                        retries, size = int(retries), int(size)
+                        if not all(isinstance(v, str) for v in (msgid, batch_id, sender, rcpt,
+                                                                domain, binding, grp)):
+                            raise TypeError("text field is not text")
+                    except (TypeError, ValueError) as exc:
+                        self.warn(f"spool file {self.path}: corrupt record {msgid!r} skipped "
+                                  f"(left in the file for inspection): {exc}")
+                        continue
                     out.append(QueuedMessage(msgid, intern(batch_id), intern(sender), rcpt,
                                              intern(domain), intern(binding), intern(grp),
                                              received_at, retries, next_attempt, size,
-                                             intern(peer_ip), intern(proto), intern(helo)))
+                                             intern(str(peer_ip)), intern(str(proto)),
+                                             intern(str(helo or ""))))
         return out
 
     def body(self, batch_id: str) -> bytes:
@@ -353,12 +439,12 @@ class SpoolSet:
     scheduler itself (bounces) goes to ``own``.
     """
 
-    def __init__(self, spoolbase: str, own: int = 0, shards=()):
+    def __init__(self, spoolbase: str, own: int = 0, shards=(), warn=None):
         self.spoolbase = spoolbase
         self.own = own
         self.shards: dict[int, Spool] = {}
         for n in sorted({own, *shards, *self.existing_shards(spoolbase)}):
-            self.shards[n] = Spool(spoolbase, n)
+            self.shards[n] = Spool(spoolbase, n, warn=warn)
         self.ids = self.shards[own].ids
         self.path = self.shards[own].path
 

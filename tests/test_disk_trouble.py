@@ -172,13 +172,8 @@ def logged_quarantine(m: MTA, name: str) -> bool:
     return any(name in ln and "quarantin" in ln.lower() for ln in text.splitlines())
 
 
-NO_QUARANTINE = (
-    "no quarantine of corrupt spool files: Spool.open() raises SpoolError on a file SQLite "
-    "cannot read, and `impetus serve` exits 1 ('cannot start: cannot open spool ...: {}') "
-    "instead of moving the file aside with a log line and loading the rest of the spool")
 
 
-@pytest.mark.xfail(strict=True, reason=NO_QUARANTINE.format("file is not a database"))
 def test_garbage_spool_shard_is_quarantined_and_the_rest_loads(tmp_path, dns_server, smtp_sinks):
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     m = queue_messages(tmp_path, dns_server, sink.port, 5, "good")
@@ -197,7 +192,6 @@ def test_garbage_spool_shard_is_quarantined_and_the_rest_loads(tmp_path, dns_ser
         m.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=NO_QUARANTINE.format("database disk image is malformed"))
 def test_truncated_spool_shard_is_quarantined_and_the_rest_loads(tmp_path, dns_server,
                                                                  smtp_sinks):
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
@@ -219,7 +213,6 @@ def test_truncated_spool_shard_is_quarantined_and_the_rest_loads(tmp_path, dns_s
         m.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=NO_QUARANTINE.format("database disk image is malformed"))
 def test_truncated_main_spool_is_quarantined_and_mta_starts(tmp_path, dns_server, smtp_sinks):
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     m = queue_messages(tmp_path, dns_server, sink.port, 30, "cut")
@@ -236,13 +229,6 @@ def test_truncated_main_spool_is_quarantined_and_mta_starts(tmp_path, dns_server
         m.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "one corrupt record stops the whole spool from loading: a messages row whose "
-    "next_attempt is not a number makes Scheduler.start() raise TypeError "
-    "('>' not supported between 'str' and 'float'; a non-numeric received_at fails the same "
-    "way in SpoolSet.recover()'s sort), which serve() does not catch: `impetus serve` exits 1 "
-    "with a traceback instead of quarantining that record with a log line and loading the "
-    "rest"))
 def test_corrupt_record_is_quarantined_and_the_rest_loads(tmp_path, dns_server, smtp_sinks):
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     m = queue_messages(tmp_path, dns_server, sink.port, 5, "rec")
@@ -292,12 +278,6 @@ def test_missing_body_fails_that_message_only(tmp_path, dns_server, smtp_sinks):
         m.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a message whose body is lost from the spool fails (P 554 5.3.0) but its sender gets no "
-    "bounce: Scheduler._bounce() re-reads the lost body to quote its headers, SpoolError "
-    "escapes, and the paniclog says 'bounce for batch ... failed' (spec §10.4: every "
-    "permanent failure of a non-null sender is bounced; the DSN can go without the "
-    "original headers)"))
 def test_missing_body_still_bounces(tmp_path, dns_server, smtp_sinks):
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     dns_server.add("src IN MX 10 mx1.example.test.\n")   # bounces to alice@src.test reach the sink

@@ -244,13 +244,7 @@ def matrix(tmp_path_factory, certs) -> MatrixRun:
         dns.stop()
 
 
-GARBLED_STAGE_BUG = (
-    "a garbled reply that arrives in the same read as earlier valid pipelined replies is "
-    "logged at stage 2 (MAIL) instead of its own stage (4 RCPT / 6 DATA): "
-    "smtp.client.ReplyParser.feed raises ProtocolError and drops the replies it had already "
-    "parsed from that chunk, so delivery.Connection._reply fails the first outstanding "
-    "command. Outcome otherwise right (T, delivered once after the fault is lifted)")
-XFAIL_CELLS = {"rcpt-garbage-p": GARBLED_STAGE_BUG, "data-garbage-p": GARBLED_STAGE_BUG}
+XFAIL_CELLS: dict[str, str] = {}  # cells with a known bug (none left)
 
 
 def _matrix_params():
@@ -361,14 +355,8 @@ def test_matrix_runs_in_bounded_time(matrix: MatrixRun):
 
 
 # ------------------------------------------------- reset while sending the body
-SIGPIPE_BUG = (
-    "impetus serve dies of SIGPIPE (exit -13) when a peer resets the connection while the "
-    "body is being written: impetus/cli.py main() sets SIGPIPE to SIG_DFL for every "
-    "subcommand (meant for `impetus options | head`), so write() -> EPIPE kills the whole "
-    "MTA instead of failing one delivery with a transient error")
 
 
-@pytest.mark.xfail(strict=True, reason=SIGPIPE_BUG)
 def test_body_reset_does_not_kill_the_mta(tmp_path, dns_server):
     """The peer closes with unread body data (a TCP reset) while Impetus is
     still writing a 6 MB body: ``T`` stage 8 ``connection closed by remote

@@ -144,11 +144,24 @@ class ReplyParser:
         raise ProtocolError(msg)
 
     def feed(self, data: bytes) -> list[Reply]:
+        """Complete replies in ``data`` (plus what was buffered).
+
+        On garbage it raises ``ProtocolError`` whose ``replies`` holds the
+        valid replies parsed from the same chunk before the garbage, so a
+        pipelining client can still attribute them to their commands.
+        """
         if self._broken is not None:
             raise ProtocolError(self._broken)
+        out: list[Reply] = []
+        try:
+            return self._feed(data, out)
+        except ProtocolError as exc:
+            exc.replies = out
+            raise
+
+    def _feed(self, data: bytes, out: list) -> list[Reply]:
         buf = self._buf
         buf += data
-        out: list[Reply] = []
         start = 0
         n = len(buf)
         while start < n:
