@@ -148,3 +148,24 @@ def test_xclient_from_an_untrusted_peer_is_refused(tmp_path, dns_server, smtp_si
             assert "xclient" not in s.esmtp_features
             code, _ = s.docmd("XCLIENT ADDR=127.0.0.2")
             assert code >= 500
+
+
+def test_tls_verified_peer_can_relay(tmp_path, dns_server, smtp_sinks, certs):
+    sink = smtp_sinks(("127.0.0.9",))
+    listener = (f'TLS_Client_CA = "{certs.ca_pem}"\n  TLS_Verified_Peer_Can_Relay = true\n')
+    with mta(tmp_path, dns_server, sink.port, listener, certs) as m:
+        def attempt(cert, key):
+            ctx = client_ctx(certs)
+            if cert:
+                ctx.load_cert_chain(cert, key)
+            with smtplib.SMTP("127.0.0.1", m.port, timeout=15, local_hostname="c.test") as s:
+                s.starttls(context=ctx)
+                s.sendmail("a@src.test", ["v@elsewhere.test"], "Subject: c\r\n\r\ncert\r\n")
+        attempt(certs.wrongname_crt, certs.wrongname_key)   # signed by the trusted test CA
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            attempt(None, None)                              # TLS but no certificate
+        with pytest.raises((smtplib.SMTPRecipientsRefused, smtplib.SMTPServerDisconnected,
+                            ssl.SSLError)):
+            attempt(certs.untrusted_crt, certs.untrusted_key)  # certificate from another CA
+        [msg] = sink.wait_for(1)
+    assert msg["rcpt_tos"] == ["v@elsewhere.test"]
