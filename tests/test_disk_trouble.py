@@ -172,8 +172,6 @@ def logged_quarantine(m: MTA, name: str) -> bool:
     return any(name in ln and "quarantin" in ln.lower() for ln in text.splitlines())
 
 
-
-
 def test_garbage_spool_shard_is_quarantined_and_the_rest_loads(tmp_path, dns_server, smtp_sinks):
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     m = queue_messages(tmp_path, dns_server, sink.port, 5, "good")

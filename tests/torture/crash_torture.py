@@ -66,6 +66,7 @@ class Report:
     cut: int = 0
     refused: int = 0
     unsent: int = 0
+    refused_replies: dict = field(default_factory=dict)   # reply code -> count
     delivered_ids: int = 0
     deliveries: int = 0
     duplicates: int = 0              # ids delivered more than once
@@ -88,7 +89,9 @@ class Report:
     def summary(self) -> str:
         return (f"{self.kills} SIGKILLs in {self.seconds:.0f}s (drain {self.drain_seconds:.1f}s): "
                 f"{self.attempts} attempts, {self.acked} acked (250), {self.cut} cut after the "
-                f"dot, {self.refused} refused, {self.unsent} unsent; {self.deliveries} deliveries "
+                f"dot, {self.refused} refused{' ' + str(self.refused_replies) if self.refused else ''}, "
+                f"{self.unsent} unsent; "
+                f"{self.deliveries} deliveries "
                 f"of {self.delivered_ids} ids; lost {self.lost}; duplicates {self.duplicates} "
                 f"({self.extra_copies} extra copies, {self.duplicates_not_inflight} not in flight "
                 f"at a kill, max gap {self.max_inflight_gap:.2f}s); delivered without a 250: "
@@ -106,6 +109,7 @@ class Injector(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.port, self.ids, self.outcomes, self.lock, self.stop = port, ids, outcomes, lock, stop
         self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.refusals: dict[int, int] = {}
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -113,8 +117,13 @@ class Injector(threading.Thread):
             with self.lock:
                 mid = next(self.ids)
             state = self.one(mid)
+            code = None
+            if state.startswith("refused:"):
+                state, code = "refused", int(state[8:])
             with self.lock:
                 self.outcomes[mid] = (state, time.time())
+                if code is not None:
+                    self.refusals[code] = self.refusals.get(code, 0) + 1
             if state == "unsent":
                 self.stop.wait(0.02)    # the MTA is down: do not spin
             else:
@@ -152,7 +161,7 @@ class Injector(threading.Thread):
                     s.sendall(b"QUIT\r\n")
                 except OSError:
                     pass
-                return "acked" if code == 250 else "refused"
+                return "acked" if code == 250 else f"refused:{code}"
         except (OSError, ValueError):
             return "cut" if dot_sent else "unsent"
 
@@ -280,6 +289,9 @@ def run(kills: int = 20, *, workdir: str | os.PathLike | None = None, seed: int 
     rep.attempts = len(outcomes)
     rep.acked, rep.cut = states["acked"], states["cut"]
     rep.refused, rep.unsent = states["refused"], states["unsent"]
+    for t in threads:
+        for code, n in t.refusals.items():
+            rep.refused_replies[code] = rep.refused_replies.get(code, 0) + n
     got = delivered(sink)
     copies: dict[int, list[float]] = {}
     for mid, at in got:
