@@ -1,0 +1,1 @@
+"""Long fuzz runs (issue 8): ``python -m tests.fuzz.run_long --help``."""
