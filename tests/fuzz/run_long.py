@@ -14,8 +14,12 @@ and counting through ``test.hypothesis.inner_test`` (reassignable by design).
 
 With ``--atheris`` each test runs in a child process under libFuzzer
 (atheris, coverage of ``impetus`` instrumented) through the documented
-``test.hypothesis.fuzz_one_input``; the figures are libFuzzer's
-``number_of_executed_units``.
+``test.hypothesis.fuzz_one_input``; the figures are the inputs that reached
+the test body and libFuzzer's ``number_of_executed_units`` (which also
+counts inputs Hypothesis rejected).  A crash is replayed without
+instrumentation before it counts (see ``NO_INSTRUMENT``).
+
+Exit status 1 if any target failed.
 """
 from __future__ import annotations
 
