@@ -163,31 +163,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def split_at(line):
-    """mainlog fields split on unescaped '@'."""
-    fields, cur, i = [], [], 0
-    while i < len(line):
-        c = line[i]
-        if c == "\\" and i + 1 < len(line):
-            cur.append(line[i + 1])
-            i += 2
-            continue
-        if c == "@":
-            fields.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    fields.append("".join(cur))
-    return fields
-
-
 def mainlog_counts(path):
+    from impetus.logs import split_record  # REPO is on sys.path by now
     counts = {}
     try:
         with open(path, errors="replace") as fh:
             for line in fh:
-                f = split_at(line.rstrip("\n"))
+                f = split_record(line.rstrip("\n"))
                 if len(f) >= 5:
                     counts[f[4]] = counts.get(f[4], 0) + 1
     except FileNotFoundError:

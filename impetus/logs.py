@@ -195,6 +195,23 @@ def unescape_field(text: str) -> str:
     return _UNESC.sub(_unesc_match, text)
 
 
+
+def split_record(line: str) -> list[str]:
+    """Fields of one ``@``-delimited log line (mainlog, bouncelog), split on
+    unescaped ``@`` and unescaped with :func:`unescape_field`."""
+    fields, start, i, n = [], 0, 0, len(line)
+    while i < n:
+        c = line[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "@":
+            fields.append(unescape_field(line[start:i]))
+            start = i + 1
+        i += 1
+    fields.append(unescape_field(line[start:]))
+    return fields
+
 def _join(fields: tuple[Any, ...]) -> str:
     """``@``-join escaped fields; one whole-line check in the common case."""
     vals = [v if v.__class__ is str else (str(v) if v.__class__ is int else _to_str(v))

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from impetus.logs import split_record
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -57,22 +59,7 @@ class LogFile:
                                         f"have: {self.lines()[-10:]}")
 
 
-def split_at(line: str) -> list[str]:
-    fields, cur, i = [], [], 0
-    while i < len(line):
-        c = line[i]
-        if c == "\\" and i + 1 < len(line):
-            cur.append(line[i + 1])
-            i += 2
-            continue
-        if c == "@":
-            fields.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    fields.append("".join(cur))
-    return fields
+split_at = split_record  # kept for the tests that import it from here
 
 
 class MTA:

@@ -584,3 +584,10 @@ def test_missing_log_directory_is_created(tmp_path):
     log.heartbeat()
     log.close()
     assert path.read_text().endswith("@@@@M\n")
+
+
+def test_split_record_inverts_escaping():
+    from impetus.logs import escape_field, split_record
+    fields = ["1", "id@x", "b\\c", "T", "resp\nline", ""]
+    line = "@".join(escape_field(f) for f in fields)
+    assert split_record(line) == fields
