@@ -622,6 +622,7 @@ def run(args):
             if args.profile:
                 prof = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--format", "raw",
                                          "-r", "200", "--nonblocking", "-o", args.profile,
+                                         *(["--subprocesses"] if args.reception_processes else []),
                                          "-p", str(mta.pid)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         stdin=subprocess.DEVNULL)
