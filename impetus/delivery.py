@@ -184,8 +184,14 @@ class Connection:
         self.bytes_sent += len(data)
 
     async def _drain(self, timeout: float, stage: int) -> None:
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            # Everything went out already: nothing to wait for (the hot path;
+            # a dead peer shows up when we read its reply).
+            return
         try:
-            await asyncio.wait_for(self.writer.drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
         except asyncio.TimeoutError:
             self.broken = True
             raise DeliveryError(no_response(stage), stage, True) from None
@@ -203,7 +209,9 @@ class Connection:
                 self.broken = True
                 raise DeliveryError(no_response(stage), stage, True)
             try:
-                data = await asyncio.wait_for(self.reader.read(65536), remaining)
+                # asyncio.timeout, not wait_for: no extra Task per reply.
+                async with asyncio.timeout(remaining):
+                    data = await self.reader.read(65536)
             except asyncio.TimeoutError:
                 self.broken = True
                 raise DeliveryError(no_response(stage), stage, True) from None

@@ -78,6 +78,11 @@ def should_open_connection(active: int, conns: int, starting: int, limit, aggres
     return starting == 0
 
 
+def _resolve_false(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
 def max_retries_auto(retry_interval: int, max_retry_interval: int, expiration: int) -> int:
     """D13: how many doubling retry intervals fit inside the expiration."""
     total, count, interval = 0, 0, max(1, retry_interval)
@@ -131,6 +136,7 @@ class Scheduler:
         self._timer_task: asyncio.Task | None = None
         self._workers: set[asyncio.Task] = set()
         self._background: set[asyncio.Task] = set()
+        self._finishing: list[QueuedMessage] = []  # done, not yet handed to the spool
         self.failed_hosts: dict[tuple[str, int], float] = {}
         self.connids = IdGenerator(shard=99)
         self.bodies = BodyCache()
@@ -198,6 +204,7 @@ class Scheduler:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        self._flush_finished()
         if self._background:
             await asyncio.wait(list(self._background), timeout=grace)
 
@@ -615,13 +622,16 @@ class Scheduler:
                 self._kick(q)
 
     async def _idle_wait(self, q: DomainQueue) -> bool:
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         q.idle.append(fut)
+        # A timer that resolves the future, not wait_for: no Task per wait
+        # (this runs after nearly every delivery).
+        timer = loop.call_later(self._lookup("Idle_Timeout", q), _resolve_false, fut)
         try:
-            return await asyncio.wait_for(fut, self._lookup("Idle_Timeout", q))
-        except asyncio.TimeoutError:
-            return False
+            return await fut
         finally:
+            timer.cancel()
             try:
                 q.idle.remove(fut)
             except ValueError:
@@ -692,7 +702,15 @@ class Scheduler:
         for m in msgs:
             m.state = "done"
             self.index.pop(m.msgid, None)
-        self._background_task(self.spool.finish(msgs))
+        # Deliveries finished in the same loop iteration share one spool op.
+        if not self._finishing:
+            asyncio.get_running_loop().call_soon(self._flush_finished)
+        self._finishing.extend(msgs)
+
+    def _flush_finished(self) -> None:
+        msgs, self._finishing = self._finishing, []
+        if msgs:
+            self._background_task(self.spool.finish(msgs))
 
     def _fail_active(self, q: DomainQueue, reply: Reply, stage: int, connid: str,
                      bytes_sent: int, remote_ip: str) -> None:

@@ -152,6 +152,7 @@ class Spool:
         self._read_db: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self.commits = 0
+        self._synchronous_full = True  # the writer connection's PRAGMA synchronous
         self.commit_seconds = 0.0
         self.committed_ops = 0
 
@@ -362,6 +363,18 @@ class Spool:
     def _commit(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         t0 = time.monotonic()
         error: Exception | None = None
+        # Only new mail needs its fsync before the reply (the 250). A batch
+        # of finish/reschedule ops is committed without one: SIGKILL cannot
+        # lose it (it is in the WAL, in the page cache), and the next
+        # fsyncing commit syncs it too; only an OS crash in between can undo
+        # it, which means redelivery (at-least-once), never loss.
+        durable = any(op.kind == "accept" for op in batch)
+        if durable != self._synchronous_full:
+            try:
+                db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._synchronous_full = durable
+            except sqlite3.Error:
+                pass
         try:
             db.execute("BEGIN IMMEDIATE")
             for op in batch:
