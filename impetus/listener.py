@@ -28,6 +28,18 @@ SPOOL_FAILED = Reply(451, "4.3.0", "Temporary failure writing the message to the
 NO_BINDING = Reply(451, "4.3.2", "No binding assigned to this message (Default_Binding = none)")
 
 
+_date_cache = [0, ""]
+
+
+def _rfc2822_now() -> str:
+    """``email.utils.formatdate()`` for Received:, computed once a second."""
+    now = time.time()
+    sec = int(now)
+    if _date_cache[0] != sec:
+        _date_cache[0], _date_cache[1] = sec, email.utils.formatdate(sec)
+    return _date_cache[1]
+
+
 def domain_matches(domain: str, pattern: str) -> bool:
     """``Relay_Domains`` matching (spec §9): exact, or left-globbed ``*suffix``.
 
@@ -193,37 +205,61 @@ class Listener:
     def _policy_for(self, *args):
         return self.policy
 
-    async def _on_message(self, envelope, session):
+    def _on_message(self, envelope, session):
+        """Spool the message; returns a future of the reply (no Task per
+        message: the reply is computed in the commit's done-callback)."""
         batch_id = self.spool.ids.next()
-        proto = "esmtp"
         for_clause = f"\r\n\tfor <{envelope.rcpt_to[0]}>" if len(envelope.rcpt_to) == 1 else ""
         with_proto = {"esmtp": "ESMTP", "lmtp": "LMTP"}.get(session.protocol, "SMTP")
         received = (f"Received: from {envelope.helo or 'unknown'} ([{session.peer_ip}])\r\n"
                     f"\tby {self.hostname} (Impetus) with {with_proto} id {batch_id}{for_clause};"
-                    f" {email.utils.formatdate(time.time())}\r\n")
+                    f" {_rfc2822_now()}\r\n")
         body, binding = self.assigner.assign(envelope.body, envelope.mail_from, envelope.rcpt_to,
                                              session.peer_ip, envelope.helo)
         if binding == "default" and self.config.lookup("Default_Binding") == "none":
             return NO_BINDING  # spec §2.5: refused at reception, never queued
         body = received.encode("utf-8", "surrogateescape") + body
         sub = Submission(sender=envelope.mail_from, recipients=list(envelope.rcpt_to), body=body,
-                         peer_ip=session.peer_ip or "unknown", proto=proto, helo=envelope.helo,
+                         peer_ip=session.peer_ip or "unknown", proto="esmtp", helo=envelope.helo,
                          binding=binding, group=self.config.group_of(binding), batch_id=batch_id)
-        self.committing += 1
         try:
-            msgs = await self.spool.accept(sub)
+            msgs, committed = self.spool.accept_nowait(sub)
         except SpoolError as exc:
-            self.logs.paniclog.panic(f"reception from {session.peer_ip} failed: {exc}")
-            # The protocol core reports this refused message to on_reject (rejectlog).
-            return NO_STORAGE if exc.disk_full else SPOOL_FAILED
-        finally:
+            return self._spool_failed(session, exc)
+        self.committing += 1
+        reply = committed.get_loop().create_future()
+
+        def on_commit(fut):
             self.committing -= 1
-        mainlog = self.logs.mainlog
-        for m in msgs:
-            mainlog.reception(m.msgid, m.batch_id, session.conn_id, m.rcpt, m.sender, m.peer_ip,
-                              m.size, proto, m.group, m.binding)
-        self.on_spooled(msgs, body)
-        return Reply(250, "2.0.0", f"Ok: queued as {batch_id}")
+            if reply.done():
+                return
+            if fut.cancelled():
+                reply.cancel()
+                return
+            exc = fut.exception()
+            if exc is not None:
+                if isinstance(exc, SpoolError):
+                    reply.set_result(self._spool_failed(session, exc))
+                else:
+                    reply.set_exception(exc)
+                return
+            try:
+                mainlog = self.logs.mainlog
+                for m in msgs:
+                    mainlog.reception(m.msgid, m.batch_id, session.conn_id, m.rcpt, m.sender,
+                                      m.peer_ip, m.size, "esmtp", m.group, m.binding)
+                self.on_spooled(msgs, body)
+            except Exception as err:  # the mail is safe on disk; still say 250
+                log.exception("after spooling %s: %s", batch_id, err)
+            reply.set_result(Reply(250, "2.0.0", f"Ok: queued as {batch_id}"))
+
+        committed.add_done_callback(on_commit)
+        return reply
+
+    def _spool_failed(self, session, exc: SpoolError) -> Reply:
+        self.logs.paniclog.panic(f"reception from {session.peer_ip} failed: {exc}")
+        # The protocol core reports this refused message to on_reject (rejectlog).
+        return NO_STORAGE if exc.disk_full else SPOOL_FAILED
 
     def reload(self, lc, config, assigner) -> None:
         """``config reload`` (D20): sessions opened from now on get the relay

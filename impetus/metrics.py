@@ -132,12 +132,17 @@ class Metrics:
             ["type"], registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self._bounces_base = 0
+        self._children: dict = {}  # (event, binding, domain) -> labelled counter
         self.registry.register(_ScrapeCollector(server))
         if getattr(server, "resolver", None) is not None:
             self.instrument_resolver(server.resolver)
 
     # -- feeding -------------------------------------------------------------
     def count(self, event: str, binding: str, domain: str, n: int = 1) -> None:
+        child = self._children.get((event, binding, domain))
+        if child is not None:   # the hot path: labels() parses its arguments each time
+            child.inc(n)
+            return
         counter = self.counters.get(event)
         if counter is None:
             return
@@ -147,7 +152,10 @@ class Metrics:
                 domain = OTHER
             else:
                 seen.add(domain)
-        counter.labels(binding, domain or "-").inc(n)
+        child = counter.labels(binding, domain or "-")
+        if len(self._children) < 4 * MAX_DOMAIN_LABELS:
+            self._children[(event, binding, domain)] = child
+        child.inc(n)
 
     def bounces_total(self) -> int:
         sched = self.server.scheduler

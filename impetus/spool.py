@@ -311,14 +311,20 @@ class Spool:
     # -- writes (all through the writer thread) -------------------------
     async def accept(self, sub: Submission) -> list[QueuedMessage]:
         """Store a transaction durably; returns its queued messages."""
+        msgs, committed = self.accept_nowait(sub)
+        await committed
+        return msgs
+
+    def accept_nowait(self, sub: Submission) -> tuple[list[QueuedMessage], asyncio.Future]:
+        """``accept`` without a coroutine: the messages, and a future that
+        is done (or failed with ``SpoolError``) once they are durable."""
         now = time.time()
         batch_id = sub.batch_id or self.ids.next()
         msgs = [QueuedMessage(self.ids.next(), batch_id, sub.sender, rcpt, _domain_of(rcpt),
                               sub.binding, sub.group, now, 0, now, len(sub.body),
                               sub.peer_ip, sub.proto, sub.helo)
                 for rcpt in sub.recipients]
-        await self._submit("accept", (batch_id, sub.body, msgs))
-        return msgs
+        return msgs, self._submit("accept", (batch_id, sub.body, msgs))
 
     async def finish(self, msgs: list[QueuedMessage]) -> None:
         """Delivered or failed for good: forget them (and unreferenced bodies)."""
@@ -394,14 +400,20 @@ class Spool:
         self.commits += 1
         self.committed_ops += len(batch)
         self.commit_seconds += time.monotonic() - t0
+        outcome = None
+        if error is not None:
+            text = str(error)
+            full = "full" in text.lower() or "disk" in text.lower()
+            outcome = SpoolError(f"spool write failed: {text}", disk_full=full)
+        # One wake-up of each waiting event loop per commit, not one per op.
+        by_loop: dict = {}
         for op in batch:
-            if error is None:
-                op.loop.call_soon_threadsafe(_resolve, op.future, None)
-            else:
-                text = str(error)
-                full = "full" in text.lower() or "disk" in text.lower()
-                op.loop.call_soon_threadsafe(
-                    _resolve, op.future, SpoolError(f"spool write failed: {text}", disk_full=full))
+            by_loop.setdefault(op.loop, []).append(op.future)
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, futures, outcome)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
 
     @staticmethod
     def _apply(db: sqlite3.Connection, op: _Op) -> None:
@@ -424,6 +436,11 @@ class Spool:
             db.executemany("UPDATE messages SET retries=?, next_attempt=? WHERE msgid=?", op.args)
         else:  # pragma: no cover - programming error
             raise ValueError(op.kind)
+
+
+def _resolve_all(futures, error: Exception | None) -> None:
+    for fut in futures:
+        _resolve(fut, error)
 
 
 def _resolve(fut: asyncio.Future, error: Exception | None) -> None:
@@ -503,6 +520,9 @@ class SpoolSet:
 
     async def accept(self, sub: Submission) -> list[QueuedMessage]:
         return await self.shards[self.own].accept(sub)
+
+    def accept_nowait(self, sub: Submission):
+        return self.shards[self.own].accept_nowait(sub)
 
     async def _by_shard(self, method: str, msgs) -> None:
         groups: dict[int, list] = {}

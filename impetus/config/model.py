@@ -794,11 +794,23 @@ class ListenerConfig:
         self._peers = sorted(scope.iter_children("peer"), key=lambda s: -s.network.prefixlen)
         self._listener_peers = sorted(listener.iter_children("peer"),
                                       key=lambda s: -s.network.prefixlen)
+        self._peer_cache: dict = {}  # address text -> Scope | None (clients repeat)
 
     def __repr__(self) -> str:
         return f"<ListenerConfig {self.address!r}>"
 
     def peer_scope(self, peer) -> Scope | None:
+        if isinstance(peer, str):
+            hit = self._peer_cache.get(peer, False)
+            if hit is not False:
+                return hit
+            if len(self._peer_cache) > 10000:
+                self._peer_cache.clear()
+            sc = self._peer_cache[peer] = self._peer_scope(peer)
+            return sc
+        return self._peer_scope(peer)
+
+    def _peer_scope(self, peer) -> Scope | None:
         try:
             ip = ipaddress.ip_address(peer) if not isinstance(
                 peer, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else peer

@@ -371,6 +371,11 @@ class SMTPServerProtocol(asyncio.Protocol):
         except Exception:
             log.exception("on_message failed (session %s)", self.session.conn_id)
             result = INTERNAL_ERROR
+        if isinstance(result, asyncio.Future):
+            # A plain future (the listener's fast path): a callback, no Task.
+            self._update_reading()   # pause until the reply is known
+            result.add_done_callback(self._message_future_done)
+            return None
         if inspect.isawaitable(result):
             self._update_reading()   # pause until the reply is known
             self.task = self._loop.create_task(self._await_message(result))
@@ -388,6 +393,19 @@ class SMTPServerProtocol(asyncio.Protocol):
             log.exception("on_message failed (session %s)", self.session.conn_id)
             result = INTERNAL_ERROR
         self.task = None
+        self._handle(self._done(result))
+
+    def _message_future_done(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("on_message failed (session %s): %r", self.session.conn_id, exc)
+            result = INTERNAL_ERROR
+        else:
+            result = fut.result()
         self._handle(self._done(result))
 
     def _done(self, result):
