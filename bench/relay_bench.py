@@ -283,6 +283,47 @@ class PostfixSink:
         return int(found[-1]) if found else 0
 
 
+class PostfixUnderTest:
+    """``--mta postfix``: the shared baseline's private Postfix instance
+    (``postfix_baseline.sh setup`` wrote it), with an empty queue, its
+    relayhost pointed at this run's sink. Started and stopped through the
+    shared harness's ``Postfix`` class, so both benchmarks treat it alike.
+    ``pid``/``poll()`` stand for the master, whose tree (master + daemons,
+    reaped ones included through its cutime) is the MTA's CPU and RSS."""
+
+    def __init__(self, conf, port, sink_port):
+        shared = REPO.parent / "shared" / "bench"
+        if str(shared) not in sys.path:
+            sys.path.insert(0, str(shared))
+        import bench_harness                       # the shared Postfix baseline harness
+        if not os.path.exists(os.path.join(conf, "main.cf")):
+            raise SetupError(f"no Postfix instance in {conf}: run "
+                             f"bash {shared}/postfix_baseline.sh setup")
+        self.conf = conf
+        self.relayhost = subprocess.run(["postconf", "-c", conf, "-h", "relayhost"],
+                                        capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(["postconf", "-c", conf, "-e", f"relayhost = [127.0.0.1]:{sink_port}"],
+                       check=True)
+        self.pf = bench_harness.Postfix(conf)
+        self.port = port
+        self.pid = None
+
+    def start(self):
+        self.pid = self.pf.start(self.port)
+        return self
+
+    def poll(self):
+        return None if self.pid and pstat(self.pid) else 0
+
+    def log_counts(self):
+        return self.pf.log_counts()
+
+    def stop(self):
+        self.pf.stop()
+        # leave the shared instance as postfix_baseline.sh wrote it
+        subprocess.run(["postconf", "-c", self.conf, "-e", f"relayhost = {self.relayhost}"])
+
+
 def port_answers(port, timeout=0.5):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
@@ -557,8 +598,11 @@ class SmtpSourceLoad:
 def run(args):
     direct = args.direct
     res = {"n": args.n, "size": args.size, "concurrency": args.concurrency, "sink": args.sink,
-           "route": "direct" if direct else args.route, "loadgen": args.loadgen,
+           "route": "direct" if direct else ("relayhost" if args.mta == "postfix" else args.route),
+           "loadgen": args.loadgen,
            "max_outbound": args.max_outbound, "ok": False,
+           "mta": None if args.direct else args.mta,
+           "reception_processes": args.reception_processes,
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     work = tempfile.mkdtemp(prefix="impetus-bench-")
     res["workdir"] = work
@@ -572,7 +616,7 @@ def run(args):
     res["code_file"] = CODE["file"]
     if not CODE["file"].startswith(CODE["dir"] + os.sep):
         errors.append(f"impetus imports from {CODE['file']!r}, not from {CODE['dir']!r}")
-    dns = sink = mta = prof = None
+    dns = sink = mta = prof = postfix = None
     try:
         if args.quiet_wait > 0:
             res["pre_run_busy_pct_of_core"] = round(wait_quiet(args.quiet_wait, args.quiet_pct), 1)
@@ -581,7 +625,11 @@ def run(args):
         while sink_port == mta_port:
             sink_port = free_port()
         conf = os.path.join(work, "ecelerity.conf")
-        if not direct:
+        postfix = None
+        if not direct and args.mta == "postfix":
+            postfix = PostfixUnderTest(args.pf_conf, args.pf_port, sink_port)
+            mta_port = args.pf_port
+        elif not direct:
             if args.route == "dns":
                 from tests.peers.dns_server import DnsServer
                 dns = DnsServer(work, ZONE, servfail=(), no_reply=(), garbage=(), truncated=()).start()
@@ -603,7 +651,11 @@ def run(args):
                 raise SetupError(f"sink did not start: {Path(sink.log).read_text(errors='replace')}")
             time.sleep(0.05)
         target = sink_port
-        if not direct:
+        if postfix is not None:
+            mta = postfix.start()
+            res["mta_cmd"] = f"postfix -c {args.pf_conf} start (relayhost [127.0.0.1]:{sink_port})"
+            target = mta_port
+        elif not direct:
             mta_cmd = impetus_cmd("serve", "-c", conf,
                                   *(["--reception-processes", str(args.reception_processes)]
                                     if args.reception_processes else []))
@@ -694,6 +746,10 @@ def run(args):
 
         # ------------------------------------------------ stop and verify
         time.sleep(args.settle)              # late duplicates would show up here
+        if postfix is not None:
+            res["postfix_log"] = postfix.log_counts()
+            postfix.stop()
+            mta = None
         if mta:
             t_stop = time.monotonic()
             res["mta_exit"] = stop_proc(mta, signal.SIGTERM, wait=30.0)
@@ -716,7 +772,7 @@ def run(args):
         elif res["duplicates"]:
             errors.append(f"sink received {res['sink_received']} > {args.n}: "
                           f"{res['duplicates']} duplicates")
-        if not direct:
+        if not direct and postfix is None:
             verify_logs(work, args.n, res, errors)
         if dns is not None:
             res["dns_queries"] = dns.query_count()
@@ -726,6 +782,9 @@ def run(args):
     except KeyboardInterrupt:
         errors.append("interrupted")
     finally:
+        if postfix is not None and mta is not None:
+            postfix.stop()
+            mta = None
         if mta is not None:
             stop_proc(mta, signal.SIGTERM, wait=10.0)
         if sink is not None and sink.proc.poll() is None:
@@ -865,7 +924,8 @@ def summarize(rows, include_disturbed=False):
     successful runs (undisturbed ones only, unless there are none: '*')."""
     groups = {}
     for r in rows:
-        key = (r["n"], r["size"], r["concurrency"], r.get("loadgen", "asyncio"), r["route"], r["sink"])
+        key = (r["n"], r["size"], r["concurrency"], r.get("loadgen", "asyncio"), r["route"], r["sink"],
+               r.get("mta") or "impetus", r.get("reception_processes") or 0)
         groups.setdefault(key, []).append(r)
 
     def mm(vals, prec):
@@ -883,7 +943,10 @@ def summarize(rows, include_disturbed=False):
         ok = [r for r in rs if r.get("ok")]
         clean = ok if include_disturbed else [r for r in ok if not r.get("disturbed")]
         used, star = (clean, "") if clean else (ok, "*")
-        path = f"{key[3]} → {'(no MTA)' if key[4] == 'direct' else 'impetus/' + key[4]} → {key[5]}"
+        mta = "(no MTA)" if key[4] == "direct" else (
+            "postfix" if key[6] == "postfix" else
+            f"impetus/{key[4]}" + (f" rp={key[7]}" if key[7] else ""))
+        path = f"{key[3]} → {mta} → {key[5]}"
         cells = [str(key[0]), str(key[1]), str(key[2]), path, f"{len(used)}{star}/{len(ok)}/{len(rs)}"]
         cells += [mm([r[f] for r in used if r.get(f) is not None], p) for _, f, p in SUMMARY_FIELDS]
         out.append("| " + " | ".join(cells) + " |")
@@ -912,6 +975,12 @@ def main(argv=None):
     ap.add_argument("--loadgen", choices=["asyncio", "smtp-source"], default="asyncio",
                     help="asyncio (default): this script's client, with latencies; "
                          "smtp-source: Postfix's, as in the Postfix baseline (no latencies)")
+    ap.add_argument("--mta", choices=["impetus", "postfix"], default="impetus",
+                    help="the MTA under test; postfix: the private instance of "
+                         "../shared/bench/postfix_baseline.sh (run its 'setup' first), "
+                         "relayhost pointed at this run's sink")
+    ap.add_argument("--pf-conf", default="/tmp/pfbench/etc", help="--mta postfix: config directory")
+    ap.add_argument("--pf-port", type=int, default=12525, help="--mta postfix: its smtpd port")
     ap.add_argument("--direct", action="store_true",
                     help="no MTA: load generator -> sink (the harness ceiling)")
     ap.add_argument("--reception-processes", type=int, default=0, metavar="N",
