@@ -1,62 +1,147 @@
 #!/usr/bin/env bash
-# Impetus vs Postfix on this machine, same load, interleaved (issue 5).
+# Impetus vs Postfix on this machine: same load, same sink, interleaved rounds.
 #
-#   bash bench/compare_postfix.sh                 # 3 rounds, 20 000 x 5 KB, 20 sessions
-#   REPS=5 SIZE=51200 bash bench/compare_postfix.sh
-#   RECEPTION_PROCESSES=1 bash bench/compare_postfix.sh   # impetus serve --reception-processes 1
+#   bash bench/compare_postfix.sh                        # 3 rounds, 20 000 x 5 KB, 20 sessions
+#   REPS=5 bash bench/compare_postfix.sh
+#   SIZE=51200 N=5000 bash bench/compare_postfix.sh      # 50 KB bodies
+#   RECEPTION_PROCESSES=1 bash bench/compare_postfix.sh  # impetus serve --reception-processes 1
+#   SHARED_COMPARE=1 bash bench/compare_postfix.sh       # also the shared harness's own compare
 #
-# Uses the shared baseline harness (../shared/bench/postfix_baseline.sh): it
-# installs Postfix (private instance under /tmp/pfbench, nothing in
-# /etc/postfix), starts smtp-sink on 127.0.0.1:12526 as the relay target, and
-# runs smtp-source against the harness ceiling (source -> sink), Postfix and
-# Impetus in turn, REPS times, with the same checks (every message at the
-# sink, fsync before 250 in both MTAs). Impetus runs with an equivalent relay
-# config: listen on 127.0.0.1:12525, Gateway = 127.0.0.1:12526.
-# Prints the harness's table, then the Impetus/Postfix ratios.
+# 1. Installs Postfix (and swaks, sysstat) and writes the private Postfix
+#    instance of the shared baseline (../shared/bench/postfix_baseline.sh
+#    setup: /tmp/pfbench, loopback only, nothing in /etc/postfix, cleanup's
+#    fsync before 250 as shipped).
+# 2. Each round runs, one after the other with fresh processes and empty
+#    queues (bench/relay_bench.py; it waits for an idle machine first):
+#      a. the harness ceiling: smtp-source -> smtp-sink (no MTA);
+#      b. Postfix and Impetus with Postfix's smtp-source as the load
+#         generator (20 sessions, 1 message per connection) and smtp-sink as
+#         the relay target: throughput and CPU per message;
+#      c. Postfix and Impetus again with relay_bench's asyncio client (same
+#         pattern: 1 message per connection, nothing pipelined): the
+#         injection latency (end of DATA to 250) percentiles.
+#    Impetus's config is the equivalent relay config: listener on
+#    127.0.0.1, Relay_Hosts 127.0.0.0/8, Gateway = the sink, spool fsync
+#    before 250 (Postfix: relayhost = the sink, mynetworks 127.0.0.0/8).
+# 3. Prints one table (medians over the rounds; runs flagged "disturbed" by
+#    other load on the machine are left out when undisturbed ones exist)
+#    and the ratio Impetus/Postfix.
+# Raw runs: $OUT/throughput.jsonl and $OUT/latency.jsonl (OUT=/tmp/impetus-compare).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 SHARED="${SHARED:-$ROOT/../shared/bench}"
-WORK=${WORK:-/tmp/pfbench}
-export WORK REPS=${REPS:-3} N=${N:-20000} SIZE=${SIZE:-5120} SESSIONS=${SESSIONS:-20}
-IMP=$WORK/impetus
-rm -rf "$IMP" && mkdir -p "$IMP"
-cat > "$IMP/ecelerity.conf" <<CONF
-Spoolbase = "$IMP/spool"
+REPS=${REPS:-3} N=${N:-20000} SIZE=${SIZE:-5120} SESSIONS=${SESSIONS:-20}
+RP=${RECEPTION_PROCESSES:-0}
+OUT=${OUT:-/tmp/impetus-compare}
+export WORK=${WORK:-/tmp/pfbench}
+mkdir -p "$OUT"
+rm -f "$OUT/throughput.jsonl" "$OUT/latency.jsonl"
+
+bash "$SHARED/postfix_baseline.sh" setup
+
+RB=(python3 "$HERE/relay_bench.py" -n "$N" -s "$SIZE" -c "$SESSIONS" --sink smtp-sink
+    --route gateway --max-outbound 50 --quiet-wait 60 --retry-disturbed 1
+    --pf-conf "$WORK/etc" --timeout 600 --json-only)
+run() {  # run LABEL JSONL ARGS...: one relay_bench run, one line of progress
+  local label=$1 jsonl=$2; shift 2
+  local line
+  line=$("${RB[@]}" --jsonl "$jsonl" "$@" 2>&1 | tail -1) || true
+  python3 - "$label" "$line" <<'PY'
+import json, sys
+label, line = sys.argv[1], sys.argv[2]
+try:
+    r = json.loads(line)
+except ValueError:
+    print(f"  {label:34} FAILED: {line[:300]}"); sys.exit(0)
+f = lambda k, p=0: "-" if r.get(k) is None else f"{r[k]:.{p}f}"
+print(f"  {label:34} e2e {f('e2e_rate'):>6} msg/s  cpu {f('mta_cpu_ms_per_msg', 2):>5} ms/msg"
+      f"  p50/p99 {f('lat_p50_ms', 1)}/{f('lat_p99_ms', 1)} ms"
+      f"  {'OK' if r.get('ok') else 'NOT OK: ' + '; '.join(r.get('errors', []))[:200]}"
+      f"{'  (disturbed)' if r.get('disturbed') else ''}", flush=True)
+PY
+}
+IMP=(--mta impetus)
+[ "$RP" != 0 ] && IMP+=(--reception-processes "$RP")
+for rep in $(seq 1 "$REPS"); do
+  echo "=== $(date +%H:%M:%S) round $rep/$REPS"
+  run "ceiling smtp-source -> smtp-sink" "$OUT/throughput.jsonl" --direct --loadgen smtp-source
+  run "postfix (smtp-source)" "$OUT/throughput.jsonl" --mta postfix --loadgen smtp-source
+  run "impetus (smtp-source)" "$OUT/throughput.jsonl" "${IMP[@]}" --loadgen smtp-source
+  run "postfix (asyncio, latency)" "$OUT/latency.jsonl" --mta postfix --loadgen asyncio
+  run "impetus (asyncio, latency)" "$OUT/latency.jsonl" "${IMP[@]}" --loadgen asyncio
+done
+
+python3 - "$OUT/throughput.jsonl" "$OUT/latency.jsonl" "$N" "$SIZE" "$SESSIONS" <<'PY'
+import json, statistics, sys
+tp = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+lat = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+n, size, sessions = sys.argv[3:6]
+
+def pick(rows, who):
+    ok = [r for r in rows if r.get("ok") and (r.get("mta") or "ceiling") == who]
+    clean = [r for r in ok if not r.get("disturbed")]
+    return clean or ok
+
+def med(rows, key):
+    xs = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.median(xs) if xs else None
+
+def cell(v, p=0):
+    return "-" if v is None else f"{v:,.{p}f}"
+
+rows = {}
+for who in ("ceiling", "postfix", "impetus"):
+    t, l = pick(tp, who), pick(lat, who)
+    rows[who] = {
+        "runs": f"{len(t)}/{len(l)}" if who != "ceiling" else f"{len(t)}/-",
+        "e2e": med(t, "e2e_rate"), "acc": med(t, "accept_rate"),
+        "cpu": med(t, "mta_cpu_ms_per_msg") if who != "ceiling" else med(t, "sink_cpu_ms_per_msg"),
+        "p50": med(l, "lat_p50_ms"), "p99": med(l, "lat_p99_ms"),
+        "rss": med(t + l, "mta_peak_rss_mb"),
+        "lat_e2e": med(l, "e2e_rate"),
+    }
+print(f"\n{n} messages x {size} B body, {sessions} sessions, 1 message per connection; medians")
+print("| | runs (tput/lat) | end-to-end msg/s (smtp-source) | accepted msg/s | CPU ms/msg "
+      "| latency p50 / p99 ms | end-to-end msg/s (asyncio client) | peak RSS MB |")
+print("|---|---|---|---|---|---|---|---|")
+names = {"ceiling": "harness ceiling (smtp-source -> smtp-sink)", "postfix": "Postfix",
+         "impetus": "Impetus"}
+for who, r in rows.items():
+    print(f"| {names[who]} | {r['runs']} | {cell(r['e2e'])} | {cell(r['acc'])} | {cell(r['cpu'], 2)} "
+          f"| {cell(r['p50'], 1)} / {cell(r['p99'], 1)} | {cell(r['lat_e2e'])} | {cell(r['rss'])} |")
+p, i = rows["postfix"], rows["impetus"]
+def ratio(a, b, p=2):
+    return "-" if not a or not b else f"{a / b:.{p}f}"
+print(f"| **Impetus / Postfix** | | **{ratio(i['e2e'], p['e2e'])}x** | {ratio(i['acc'], p['acc'])}x "
+      f"| {ratio(i['cpu'], p['cpu'])}x | {ratio(i['p50'], p['p50'])}x / {ratio(i['p99'], p['p99'])}x "
+      f"| {ratio(i['lat_e2e'], p['lat_e2e'])}x | {ratio(i['rss'], p['rss'])}x |")
+print("\nCPU: the MTA's whole process tree (Postfix: master + every daemon, exited ones included); "
+      "ceiling row: smtp-sink's. Peak RSS: sum of VmHWM over the tree's live processes at the end "
+      "(shared pages counted once per process, which favours a single process).")
+PY
+
+if [ "${SHARED_COMPARE:-0}" = 1 ]; then
+  # The shared harness's own interleaved compare, as a cross-check.
+  IMPW=$WORK/impetus
+  rm -rf "$IMPW" && mkdir -p "$IMPW"
+  cat > "$IMPW/ecelerity.conf" <<CONF
+Spoolbase = "$IMPW/spool"
 Hostname = "impetus.bench"
-Resolv_Conf = "$IMP/resolv.conf"
+Resolv_Conf = "$IMPW/resolv.conf"
 Gateway = "127.0.0.1:12526"
 Max_Outbound_Connections = 50
-ec_logger { mainlog = "$IMP/mainlog.ec" rejectlog = "$IMP/rejectlog.ec" paniclog = "$IMP/paniclog.ec" }
-bounce_logger { bouncelog = "$IMP/bouncelog.ec" }
+ec_logger { mainlog = "$IMPW/mainlog.ec" rejectlog = "$IMPW/rejectlog.ec" paniclog = "$IMPW/paniclog.ec" }
+bounce_logger { bouncelog = "$IMPW/bouncelog.ec" }
 ESMTP_Listener {
   Relay_Hosts = ( "127.0.0.0/8" )
   Listen "127.0.0.1:12525" { }
 }
 CONF
-echo "nameserver 127.0.0.1#9" > "$IMP/resolv.conf"   # Gateway needs no DNS; never the system resolver
-python3 -m pip install -q -e "$ROOT" >/dev/null
-EXTRA=""
-if [ "${RECEPTION_PROCESSES:-0}" != 0 ]; then EXTRA="--reception-processes $RECEPTION_PROCESSES"; fi
-# The spool is cleared before each Impetus run: every run starts empty, like Postfix's.
-export MTA_CMD="bash -c 'rm -rf $IMP/spool; exec $(command -v python3) -m impetus.cli serve -c $IMP/ecelerity.conf $EXTRA'"
-bash "$SHARED/postfix_baseline.sh" setup
-bash "$SHARED/postfix_baseline.sh" compare
-python3 - "$WORK/compare.jsonl" <<'PY'
-import json, statistics, sys
-runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-def med(scenario, key):
-    xs = [r[key] for r in runs if r.get("scenario") == scenario and isinstance(r.get(key), (int, float))]
-    return statistics.median(xs) if xs else None
-keys = [k for k in ("e2e_rate", "inject_rate", "server_cpu_ms_per_msg")
-        if med("mta", k) is not None or med("postfix", k) is not None]
-print("\nImpetus / Postfix (medians):")
-for k in keys:
-    a, b = med("mta", k), med("postfix", k)
-    if a is not None and b:
-        print(f"  {k:28} impetus {a:10.2f}   postfix {b:10.2f}   ratio {a / b:5.2f}")
-if not keys:
-    print("  (field names not recognised; see the table above)", sorted(runs[0]) if runs else [])
-PY
-echo
-echo "Latency percentiles and peak RSS for Impetus: python3 bench/relay_bench.py -n $N -s $SIZE -c $SESSIONS"
+  echo "nameserver 127.0.0.1#9" > "$IMPW/resolv.conf"   # Gateway needs no DNS; never the system resolver
+  EXTRA=""
+  [ "$RP" != 0 ] && EXTRA="--reception-processes $RP"
+  export REPS N SIZE SESSIONS
+  export MTA_CMD="bash -c 'rm -rf $IMPW/spool; cd $ROOT; exec $(command -v python3) -m impetus.cli serve -c $IMPW/ecelerity.conf $EXTRA'"
+  bash "$SHARED/postfix_baseline.sh" compare
+fi
