@@ -121,7 +121,8 @@ class Server:
             await self.http.start(self.config.http_listeners)
         if self.reception_processes:
             self.notify_server = await ipc.serve_notifications(
-                self.notify_path, self.scheduler.submit, lambda: None)
+                self.notify_path, self.scheduler.submit, lambda: None,
+                channels=self.spool.channels, on_unfinished=self.spool.unfinished)
             for shard in range(1, self.reception_processes + 1):
                 await self._spawn(shard)
                 self.child_tasks.append(asyncio.create_task(self._supervise(shard)))
@@ -152,6 +153,9 @@ class Server:
                 return
             self.logs.paniclog.panic(f"reception process for shard {shard} (pid {proc.pid}) "
                                      f"exited with {rc}; restarting it")
+            # Finishes it had not confirmed go into its shard first, or
+            # delivered mail would be adopted and delivered again.
+            await self.spool.settle(shard)
             adopted = self.scheduler.adopt(self.spool.recover_shard(shard))
             if adopted:
                 self.logs.paniclog.panic(f"adopted {adopted} message(s) from shard {shard}")
@@ -182,7 +186,9 @@ class Server:
         if self.notify_server is not None:
             self.notify_server.close()
         if self.reception_processes:
-            # Anything committed but not yet notified is still in the shards.
+            # Anything committed but not yet notified is still in the shards
+            # (after the finishes the children did not confirm are applied).
+            await self.spool.settle()
             self.scheduler.adopt(self.spool.recover())
         if self.scheduler is not None:
             await self.scheduler.stop(grace=10.0)
@@ -291,7 +297,7 @@ class ReceptionProcess:
         self.hostname = config.lookup("Hostname") or socket.gethostname()
         self.logs = make_logs(config)
         self.spool = Spool(config.lookup("Spoolbase"), shard, warn=self.logs.paniclog.panic)
-        self.notifier = ipc.Notifier(notify_path)
+        self.notifier = ipc.Notifier(notify_path, shard, on_finish=self.spool.finish_items)
         self.assigner = BindingAssigner(config, self.logs.paniclog, config.lookup("Policy_Module"))
         self.listeners: list[Listener] = []
         self.stopped = asyncio.Event()

@@ -331,6 +331,12 @@ class Spool:
         if msgs:
             await self._submit("finish", [(m.msgid, m.batch_id) for m in msgs])
 
+    async def finish_items(self, items: list[tuple[str, str]]) -> None:
+        """``finish`` by ``(msgid, batch_id)`` pairs (finishes forwarded by
+        the scheduler process to the shard's owner)."""
+        if items:
+            await self._submit("finish", [(mid, bid) for mid, bid in items])
+
     async def reschedule(self, msgs: list[QueuedMessage]) -> None:
         """Persist retries/next_attempt (after a transient failure)."""
         if msgs:
@@ -477,6 +483,10 @@ class SpoolSet:
             self.shards[n] = Spool(spoolbase, n, warn=warn)
         self.ids = self.shards[own].ids
         self.path = self.shards[own].path
+        # shard -> the owning reception process's channel (ipc.ReceptionChannel):
+        # finishes go there, so each shard has one writing process.
+        self.channels: dict = {}
+        self._direct: dict[int, set] = {}  # shard -> finishes applied here, in progress
 
     @staticmethod
     def existing_shards(spoolbase: str) -> list[int]:
@@ -533,7 +543,41 @@ class SpoolSet:
             await getattr(spool, method)(group)
 
     async def finish(self, msgs) -> None:
-        await self._by_shard("finish", msgs)
+        groups: dict[int, list] = {}
+        for m in msgs:
+            groups.setdefault(shard_of(m.msgid), []).append((m.msgid, m.batch_id))
+        for n, items in groups.items():
+            ch = self.channels.get(n)
+            if ch is not None and ch.finish(items):
+                continue
+            spool = self.shards.get(n) or self.shards[self.own]
+            await spool.finish_items(items)
+
+    def unfinished(self, shard: int, items: list) -> None:
+        """Forwarded finishes the owner did not confirm: apply them here."""
+        spool = self.shards.get(shard) or self.shards[self.own]
+        task = asyncio.get_running_loop().create_task(spool.finish_items(items))
+        pending = self._direct.setdefault(shard, set())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    async def settle(self, shard: int | None = None) -> None:
+        """Before a shard's mail is recovered or adopted: every finish
+        forwarded to its (dead or stopping) owner is in the file."""
+        for n in ([shard] if shard is not None else list(self.shards)):
+            ch = self.channels.pop(n, None)
+            if ch is not None:
+                left = ch.detach()
+                if left:
+                    self.unfinished(n, left)
+            tasks = list(self._direct.get(n, ()))
+            if tasks:
+                done, _ = await asyncio.wait(tasks, timeout=30)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        self.shards[self.own].warn(
+                            f"spool shard {n}: could not record finished deliveries: "
+                            f"{t.exception()}")
 
     async def reschedule(self, msgs) -> None:
         await self._by_shard("reschedule", msgs)
