@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 DEFAULT_CONFIG = "/etc/impetus/ecelerity.conf"
@@ -137,6 +138,19 @@ def main(argv: list[str] | None = None) -> int:
         # where a peer's reset must be an EPIPE error, not death by SIGPIPE.
         import signal
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    prof_dir = os.environ.get("IMPETUS_CPROFILE_DIR")
+    if prof_dir and args.command == "serve":
+        # Developer aid (bench/README.md): CPU profile of each serve process's
+        # event-loop thread, written to DIR/<role>-<pid>.prof on exit.
+        import cProfile
+        import time
+        prof = cProfile.Profile(time.thread_time)
+        prof.enable()
+        try:
+            return args.func(args)
+        finally:
+            prof.disable()
+            prof.dump_stats(os.path.join(prof_dir, f"{args.role}-{os.getpid()}.prof"))
     return args.func(args)
 
 

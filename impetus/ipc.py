@@ -50,7 +50,9 @@ def frame(obj) -> bytes:
 
 
 def encode(msgs: list[QueuedMessage], body: bytes) -> bytes:
-    rows = [tuple(getattr(m, f) for f in _FIELDS) for m in msgs]
+    # In _FIELDS order, spelled out: this runs for every received transaction.
+    rows = [(m.msgid, m.batch_id, m.sender, m.rcpt, m.domain, m.binding, m.group, m.received_at,
+             m.retries, m.next_attempt, m.size, m.peer_ip, m.proto, m.helo) for m in msgs]
     return frame(("msgs", rows, body))
 
 

@@ -65,6 +65,8 @@ class RelayPolicy(Policy):
         self.relay_domains = list(config.lookup("Relay_Domains") or [])
         self.rejectlog = rejectlog
         self.passwords = passwords  # auth.PasswordFile or None
+        self._opt_cache: dict = {}   # (option, client address) -> value
+        self._relay_cache: dict = {}  # client address -> may relay by address
 
     def _opt(self, session, name, *, real_peer: bool = False):
         """An option for this client's most specific ``Peer``. Relay rules
@@ -73,10 +75,19 @@ class RelayPolicy(Policy):
         ip = session.peer_ip
         if real_peer:
             ip = getattr(session, "proxy_ip", None) or ip
+        key = (name, ip)
         try:
-            return self.lc.lookup(name, peer=ip)
+            return self._opt_cache[key]   # clients repeat; a reload makes a new policy
+        except KeyError:
+            pass
+        try:
+            value = self.lc.lookup(name, peer=ip)
         except ValueError:  # an unparsable announced address matches no Peer
-            return self.lc.lookup(name)
+            value = self.lc.lookup(name)
+        if len(self._opt_cache) > 20000:
+            self._opt_cache.clear()
+        self._opt_cache[key] = value
+        return value
 
     def check_connect(self, session):
         session.conn_id = self.connids.next()  # Momentum-shaped id for R lines and rejectlog
@@ -87,6 +98,10 @@ class RelayPolicy(Policy):
         matching ``Peer`` with ``Open_Relay = true``. Cached per session."""
         cached = session.extra.get("can_relay")
         if cached is None:
+            cached = self._relay_cache.get(session.peer_ip)
+            if cached is not None:
+                session.extra["can_relay"] = cached
+                return cached
             try:
                 ip = ipaddress.ip_address(session.peer_ip)
                 if ip.version == 6 and ip.ipv4_mapped is not None:
@@ -97,6 +112,9 @@ class RelayPolicy(Policy):
                 cached = False
             cached = cached or bool(self._opt(session, "Open_Relay"))
             session.extra["can_relay"] = cached
+            if len(self._relay_cache) > 20000:
+                self._relay_cache.clear()
+            self._relay_cache[session.peer_ip] = cached
         return cached
 
     def check_mail(self, session, addr, params):
