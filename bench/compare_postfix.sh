@@ -23,9 +23,9 @@
 #    Impetus's config is the equivalent relay config: listener on
 #    127.0.0.1, Relay_Hosts 127.0.0.0/8, Gateway = the sink, spool fsync
 #    before 250 (Postfix: relayhost = the sink, mynetworks 127.0.0.0/8).
-# 3. Prints one table (medians over the rounds; runs flagged "disturbed" by
-#    other load on the machine are left out when undisturbed ones exist)
-#    and the ratio Impetus/Postfix.
+# 3. Prints one table (medians over every successful run; how many were
+#    flagged "disturbed" by other CPU on the machine is shown) and the ratio
+#    Impetus/Postfix. SUMMARY_ONLY=1 reprints it from $OUT's files.
 # Raw runs: $OUT/throughput.jsonl and $OUT/latency.jsonl (OUT=/tmp/impetus-compare).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,6 +36,7 @@ RP=${RECEPTION_PROCESSES:-0}
 OUT=${OUT:-/tmp/impetus-compare}
 export WORK=${WORK:-/tmp/pfbench}
 mkdir -p "$OUT"
+if [ "${SUMMARY_ONLY:-0}" != 1 ]; then
 rm -f "$OUT/throughput.jsonl" "$OUT/latency.jsonl"
 
 bash "$SHARED/postfix_baseline.sh" setup
@@ -71,6 +72,7 @@ for rep in $(seq 1 "$REPS"); do
   run "postfix (asyncio, latency)" "$OUT/latency.jsonl" --mta postfix --loadgen asyncio
   run "impetus (asyncio, latency)" "$OUT/latency.jsonl" "${IMP[@]}" --loadgen asyncio
 done
+fi   # SUMMARY_ONLY=1: only print the table from $OUT's files
 
 python3 - "$OUT/throughput.jsonl" "$OUT/latency.jsonl" "$N" "$SIZE" "$SESSIONS" <<'PY'
 import json, statistics, sys
@@ -79,9 +81,11 @@ lat = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 n, size, sessions = sys.argv[3:6]
 
 def pick(rows, who):
-    ok = [r for r in rows if r.get("ok") and (r.get("mta") or "ceiling") == who]
-    clean = [r for r in ok if not r.get("disturbed")]
-    return clean or ok
+    # Every successful run counts. "disturbed" (other CPU > 5 % of the
+    # machine) is not a fair filter here: Postfix's own kernel-side work
+    # (an fsync per queue file: journal threads) lands in "other" and flags
+    # most of its runs, so dropping them would keep only its luckiest ones.
+    return [r for r in rows if r.get("ok") and (r.get("mta") or "ceiling") == who]
 
 def med(rows, key):
     xs = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
@@ -94,14 +98,15 @@ rows = {}
 for who in ("ceiling", "postfix", "impetus"):
     t, l = pick(tp, who), pick(lat, who)
     rows[who] = {
-        "runs": f"{len(t)}/{len(l)}" if who != "ceiling" else f"{len(t)}/-",
+        "runs": (f"{len(t)}/{len(l)}" if who != "ceiling" else f"{len(t)}/-")
+                + f" ({sum(1 for r in t + l if r.get('disturbed'))} flagged)",
         "e2e": med(t, "e2e_rate"), "acc": med(t, "accept_rate"),
         "cpu": med(t, "mta_cpu_ms_per_msg") if who != "ceiling" else med(t, "sink_cpu_ms_per_msg"),
         "p50": med(l, "lat_p50_ms"), "p99": med(l, "lat_p99_ms"),
         "rss": med(t + l, "mta_peak_rss_mb"),
         "lat_e2e": med(l, "e2e_rate"),
     }
-print(f"\n{n} messages x {size} B body, {sessions} sessions, 1 message per connection; medians")
+print(f"\n{n} messages x {size} B body, {sessions} sessions, 1 message per connection; medians over all successful runs")
 print("| | runs (tput/lat) | end-to-end msg/s (smtp-source) | accepted msg/s | CPU ms/msg "
       "| latency p50 / p99 ms | end-to-end msg/s (asyncio client) | peak RSS MB |")
 print("|---|---|---|---|---|---|---|---|")
