@@ -80,6 +80,7 @@ class Notifier:
         self.writer: asyncio.StreamWriter | None = None
         self.lost = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._outbox: list[bytes] = []
 
     async def connect(self) -> None:
         reader, self.writer = await asyncio.open_unix_connection(self.path)
@@ -119,11 +120,21 @@ class Notifier:
             log.warning("scheduler unreachable; %d message(s) wait in the spool for the next "
                         "start", len(msgs))
             return
-        self.writer.write(encode(msgs, body))
+        # One group commit acknowledges many transactions in the same loop
+        # turn: send their frames in one write.
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(encode(msgs, body))
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if frames and self.writer is not None and not self.writer.is_closing():
+            self.writer.write(b"".join(frames))
 
     async def close(self) -> None:
         if self._tasks:   # finishes being committed: let them end (bounded)
             await asyncio.wait(list(self._tasks), timeout=10)
+        self._flush()
         if self.writer is not None:
             self.writer.close()
 
