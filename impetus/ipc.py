@@ -40,9 +40,6 @@ log = logging.getLogger("impetus.ipc")
 _LEN = struct.Struct(">I")
 MAX_FRAME = 256 << 20
 
-_FIELDS = ("msgid", "batch_id", "sender", "rcpt", "domain", "binding", "group", "received_at",
-           "retries", "next_attempt", "size", "peer_ip", "proto", "helo")
-
 
 def frame(obj) -> bytes:
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -50,7 +47,8 @@ def frame(obj) -> bytes:
 
 
 def encode(msgs: list[QueuedMessage], body: bytes) -> bytes:
-    # In _FIELDS order, spelled out: this runs for every received transaction.
+    # QueuedMessage's argument order (decode_msgs), spelled out: this runs
+    # for every received transaction.
     rows = [(m.msgid, m.batch_id, m.sender, m.rcpt, m.domain, m.binding, m.group, m.received_at,
              m.retries, m.next_attempt, m.size, m.peer_ip, m.proto, m.helo) for m in msgs]
     return frame(("msgs", rows, body))

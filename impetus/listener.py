@@ -65,7 +65,6 @@ class RelayPolicy(Policy):
         self.relay_domains = list(config.lookup("Relay_Domains") or [])
         self.rejectlog = rejectlog
         self.passwords = passwords  # auth.PasswordFile or None
-        self._opt_cache: dict = {}   # (option, client address) -> value
         self._relay_cache: dict = {}  # client address -> may relay by address
 
     def _opt(self, session, name, *, real_peer: bool = False):
@@ -75,19 +74,10 @@ class RelayPolicy(Policy):
         ip = session.peer_ip
         if real_peer:
             ip = getattr(session, "proxy_ip", None) or ip
-        key = (name, ip)
         try:
-            return self._opt_cache[key]   # clients repeat; a reload makes a new policy
-        except KeyError:
-            pass
-        try:
-            value = self.lc.lookup(name, peer=ip)
+            return self.lc.lookup(name, peer=ip)   # cached per address by the config
         except ValueError:  # an unparsable announced address matches no Peer
-            value = self.lc.lookup(name)
-        if len(self._opt_cache) > 20000:
-            self._opt_cache.clear()
-        self._opt_cache[key] = value
-        return value
+            return self.lc.lookup(name)
 
     def check_connect(self, session):
         session.conn_id = self.connids.next()  # Momentum-shaped id for R lines and rejectlog

@@ -328,14 +328,13 @@ class Spool:
 
     async def finish(self, msgs: list[QueuedMessage]) -> None:
         """Delivered or failed for good: forget them (and unreferenced bodies)."""
-        if msgs:
-            await self._submit("finish", [(m.msgid, m.batch_id) for m in msgs])
+        await self.finish_items([(m.msgid, m.batch_id) for m in msgs])
 
     async def finish_items(self, items: list[tuple[str, str]]) -> None:
         """``finish`` by ``(msgid, batch_id)`` pairs (finishes forwarded by
         the scheduler process to the shard's owner)."""
         if items:
-            await self._submit("finish", [(mid, bid) for mid, bid in items])
+            await self._submit("finish", list(items))
 
     async def reschedule(self, msgs: list[QueuedMessage]) -> None:
         """Persist retries/next_attempt (after a transient failure)."""

@@ -794,23 +794,14 @@ class ListenerConfig:
         self._peers = sorted(scope.iter_children("peer"), key=lambda s: -s.network.prefixlen)
         self._listener_peers = sorted(listener.iter_children("peer"),
                                       key=lambda s: -s.network.prefixlen)
-        self._peer_cache: dict = {}  # address text -> Scope | None (clients repeat)
+        # (name, client address text) -> Resolved: clients repeat, and the
+        # listener asks the same few options for every session.
+        self._peer_cache: dict[tuple[str, str], Resolved] = {}
 
     def __repr__(self) -> str:
         return f"<ListenerConfig {self.address!r}>"
 
     def peer_scope(self, peer) -> Scope | None:
-        if isinstance(peer, str):
-            hit = self._peer_cache.get(peer, False)
-            if hit is not False:
-                return hit
-            if len(self._peer_cache) > 10000:
-                self._peer_cache.clear()
-            sc = self._peer_cache[peer] = self._peer_scope(peer)
-            return sc
-        return self._peer_scope(peer)
-
-    def _peer_scope(self, peer) -> Scope | None:
         try:
             ip = ipaddress.ip_address(peer) if not isinstance(
                 peer, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else peer
@@ -827,6 +818,10 @@ class ListenerConfig:
     def explain(self, name: str, *, peer=None) -> Resolved:
         if peer is None:
             r = self._cache.get(name)
+            if r is not None:
+                return r
+        elif isinstance(peer, str):
+            r = self._peer_cache.get((name, peer))
             if r is not None:
                 return r
         spec = OPTIONS.get(name.lower())
@@ -848,6 +843,10 @@ class ListenerConfig:
             r = _default(spec)
         if peer is None:
             self._cache[name] = r
+        elif isinstance(peer, str):
+            if len(self._peer_cache) > 20000:
+                self._peer_cache.clear()
+            self._peer_cache[(name, peer)] = r
         return r
 
     def lookup(self, name: str, *, peer=None) -> Any:

@@ -9,8 +9,10 @@ returns an ``asyncio.Server``.  For each connection:
 * bytes are fed to the core and its ``Send`` events written (one write per
   received chunk);
 * on ``MessageReady`` reading is paused and ``on_message(envelope, session)``
-  is called.  It may be a coroutine function (awaited in a task) or a plain
-  function (called inline, no task: the fast path used by the sink).  It
+  is called.  It may be a coroutine function (awaited in a task), a plain
+  function (called inline, no task: the fast path used by the sink), or a
+  plain function returning an ``asyncio.Future`` (a done-callback, no task:
+  the listener's path, answered when the spool commit is done).  It
   returns a ``Reply`` (SMTP) or a list of Replies (LMTP, one per recipient;
   a single Reply is repeated).  An exception, or a result of the wrong
   shape, is logged and answered ``451 4.3.0 Internal error``;
@@ -364,45 +366,33 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def _message(self, envelope):
         """Run on_message; returns the core's next events when it finished
-        synchronously, else None (a task will carry on)."""
+        synchronously, else None (the done-callback carries on)."""
         self._processing = True
         try:
             result = self.on_message(envelope, self.session)
         except Exception:
             log.exception("on_message failed (session %s)", self.session.conn_id)
             result = INTERNAL_ERROR
-        if isinstance(result, asyncio.Future):
-            # A plain future (the listener's fast path): a callback, no Task.
-            self._update_reading()   # pause until the reply is known
-            result.add_done_callback(self._message_future_done)
-            return None
         if inspect.isawaitable(result):
             self._update_reading()   # pause until the reply is known
-            self.task = self._loop.create_task(self._await_message(result))
+            # A plain future (the listener's fast path) gets a callback and
+            # no Task; a coroutine is wrapped in one (kept referenced here).
+            fut = asyncio.ensure_future(result, loop=self._loop)
+            if isinstance(fut, asyncio.Task):
+                self.task = fut
+            fut.add_done_callback(self._message_done)
             return None
         return self._done(result)
 
-    async def _await_message(self, awaitable) -> None:
-        try:
-            result = await awaitable
-        except asyncio.CancelledError:
-            if self.transport is not None:
-                self.transport.abort()
-            raise
-        except Exception:
-            log.exception("on_message failed (session %s)", self.session.conn_id)
-            result = INTERNAL_ERROR
+    def _message_done(self, fut: asyncio.Future) -> None:
         self.task = None
-        self._handle(self._done(result))
-
-    def _message_future_done(self, fut: asyncio.Future) -> None:
         if fut.cancelled():
             if self.transport is not None:
                 self.transport.abort()
             return
         exc = fut.exception()
         if exc is not None:
-            log.error("on_message failed (session %s): %r", self.session.conn_id, exc)
+            log.error("on_message failed (session %s)", self.session.conn_id, exc_info=exc)
             result = INTERNAL_ERROR
         else:
             result = fut.result()
