@@ -163,6 +163,8 @@ class Spool:
         # Commits waiting for the WAL fsync: (loop, futures) pairs.
         self._sync_cond = threading.Condition()
         self._to_sync: list = []
+        self._inflight = 0        # commits handed to the sync thread, not yet synced
+        self._deferred: set = set()  # loops whose ops wait for the sync under way
         self._stopping = False
         self._since_checkpoint = 0  # bytes committed since the last checkpoint (about)
         self.commits = 0
@@ -264,7 +266,9 @@ class Spool:
     def close(self) -> None:
         # Ops still queued for a loop turn that will not come are committed now.
         for loop in list(self._pending):
-            self._flush(loop)
+            batch = self._pending.pop(loop, None)
+            if batch:
+                self._commit(batch)
         if self._thread is not None:
             with self._sync_cond:
                 self._stopping = True
@@ -379,9 +383,21 @@ class Spool:
         return fut
 
     def _flush(self, loop) -> None:
+        with self._sync_cond:
+            if self._inflight:
+                # A sync is under way: gather more until it ends, then commit
+                # them all at once (group commit: one WAL write of the shared
+                # index pages, one fsync).
+                self._deferred.add(loop)
+                return
         batch = self._pending.pop(loop, None)
         if batch:
             self._commit(batch)
+
+    def _synced(self, loop, futures, error) -> None:
+        """In ``loop``: a sync finished; reply, then commit what waited."""
+        _resolve_all(futures, error)
+        self._flush(loop)
 
     def _commit(self, batch: list[_Op]) -> None:
         t0 = time.monotonic()
@@ -436,7 +452,8 @@ class Spool:
         self._since_checkpoint += size + 512 * len(batch)
         if durable:
             with self._sync_cond:
-                self._to_sync.extend(durable)
+                self._to_sync.append(durable)
+                self._inflight += 1
                 self._sync_cond.notify()
 
     # -- the sync thread ---------------------------------------------------
@@ -464,11 +481,18 @@ class Spool:
                         error = SpoolError(f"spool sync failed: {exc}", disk_full=full)
                     self.syncs += 1
                     self.commit_seconds += time.monotonic() - t0
-                    by_loop: dict = {}
-                    for op in batch:
-                        by_loop.setdefault(op.loop, []).append(op.future)
+                    with self._sync_cond:
+                        self._inflight -= len(batch)
+                        deferred, self._deferred = self._deferred, set()
+                    by_loop: dict = {loop: [] for loop in deferred}
+                    for ops in batch:
+                        for op in ops:
+                            by_loop.setdefault(op.loop, []).append(op.future)
                     for loop, futures in by_loop.items():
-                        _resolve_from_thread(loop, futures, error)
+                        try:
+                            loop.call_soon_threadsafe(self._synced, loop, futures, error)
+                        except RuntimeError:  # that loop is closed: nobody is waiting
+                            pass
                 if self._since_checkpoint and (
                         self._since_checkpoint >= self.CHECKPOINT_BYTES or not batch or stopping):
                     self._since_checkpoint = 0
