@@ -4,23 +4,12 @@ One SQLite database in WAL mode per spool shard. An SMTP transaction's body
 is stored once (``bodies``); each recipient is its own queued message
 (``messages``) sharing the transaction's batch id, as Momentum logs them.
 
-Durability (group commit): writes are applied in the event loop's own thread,
-all the operations queued during one loop turn in one SQLite transaction
-(``synchronous=NORMAL``: the commit itself does not fsync, it only appends
-to the WAL in the page cache, tens of microseconds). A commit that holds new
-mail is then handed to the sync thread, which ``fdatasync``s the WAL file
-once for every commit made while the previous sync ran, and only then
-resolves ``accept``; so the 250 still follows the fsync, and concurrent
-sessions share one. Commits that only record finished deliveries or new
-retry times are not synced (see docs/RELIABILITY.md). Running SQLite in the
-loop thread rather than a writer thread saves the GIL hand-offs and thread
-wake-ups per statement that dominated the old writer's cost (issue 5).
-Checkpoints are the sync thread's job too (``wal_autocheckpoint=0`` on the
-writing connection), so the loop never waits for the database file's fsync;
-``synchronous=NORMAL`` makes SQLite sync the WAL before and the database
-after each checkpoint, so a WAL that is reused never held the only copy of
-anything. SQLite's WAL gives crash atomicity: after SIGKILL a transaction
-is either wholly there or not at all.
+Durability: every write goes through one writer thread that drains all
+pending operations into a single transaction and commits it with
+``synchronous=FULL`` (WAL fsync). Concurrent sessions therefore share one
+fsync (group commit), and ``accept`` returns only after its commit. SQLite's
+WAL gives crash atomicity: after SIGKILL a transaction is either wholly there
+or not at all.
 
 Several processes can later own one shard each (reception in its own process,
 as Postfix's smtpd); the scheduler reads every shard on recovery.
@@ -28,10 +17,10 @@ as Postfix's smtpd); the scheduler reads every shard on recovery.
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import logging
 import os
+import queue
 import random
 import sqlite3
 import sys
@@ -137,6 +126,9 @@ class IdGenerator:
         return f"{self.prefix}{next(self._counter) & 0xFFFFFFFF:08X}"
 
 
+_STOP = object()
+
+
 class _Op:
     __slots__ = ("kind", "args", "future", "loop")
 
@@ -154,21 +146,13 @@ class Spool:
         self.shard = shard
         self.path = os.path.join(spoolbase, f"spool-{shard:02d}.db")
         self.ids = IdGenerator(shard)
-        self._thread: threading.Thread | None = None  # the sync thread
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self._read_db: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # the writing connection (one loop at a time)
-        self._pending: dict = {}  # event loop -> ops queued in its current turn
-        # Commits waiting for the WAL fsync: (loop, futures) pairs.
-        self._sync_cond = threading.Condition()
-        self._to_sync: list = []
-        self._inflight = 0        # commits handed to the sync thread, not yet synced
-        self._deferred: set = set()  # loops whose ops wait for the sync under way
-        self._stopping = False
-        self._since_checkpoint = 0  # bytes committed since the last checkpoint (about)
         self.commits = 0
-        self.syncs = 0
+        self._synchronous_full = True  # the writer connection's PRAGMA synchronous
         self.commit_seconds = 0.0
         self.committed_ops = 0
 
@@ -182,12 +166,7 @@ class Spool:
             problem = str(exc)
         if problem:
             self._quarantine_and_salvage(problem)
-        # The writing connection never syncs or checkpoints by itself: the
-        # sync thread does both (module docstring).
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._stopping = False
-        self._thread = threading.Thread(target=self._syncer, name=f"spool-sync-{self.shard}",
+        self._thread = threading.Thread(target=self._writer, name=f"spool-writer-{self.shard}",
                                         daemon=True)
         self._thread.start()
 
@@ -264,15 +243,8 @@ class Spool:
         return db
 
     def close(self) -> None:
-        # Ops still queued for a loop turn that will not come are committed now.
-        for loop in list(self._pending):
-            batch = self._pending.pop(loop, None)
-            if batch:
-                self._commit(batch)
         if self._thread is not None:
-            with self._sync_cond:
-                self._stopping = True
-                self._sync_cond.notify()
+            self._ops.put(_STOP)
             self._thread.join(timeout=30)
             self._thread = None
         for db in (self._db, self._read_db):
@@ -374,172 +346,79 @@ class Spool:
             raise SpoolError("spool is not open")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        pending = self._pending.get(loop)
-        if pending is None:
-            # First op of this loop turn: commit them all at the turn's end.
-            pending = self._pending[loop] = []
-            loop.call_soon(self._flush, loop)
-        pending.append(_Op(kind, args, fut, loop))
+        self._ops.put(_Op(kind, args, fut, loop))
         return fut
 
-    def _flush(self, loop) -> None:
-        with self._sync_cond:
-            if self._inflight:
-                # A sync is under way: gather more until it ends, then commit
-                # them all at once (group commit: one WAL write of the shared
-                # index pages, one fsync).
-                self._deferred.add(loop)
+    def _writer(self) -> None:
+        db = self._db
+        while True:
+            op = self._ops.get()
+            if op is _STOP:
                 return
-        batch = self._pending.pop(loop, None)
-        if batch:
-            self._commit(batch)
+            batch = [op]
+            # Drain whatever else is waiting: one commit (one fsync) for all.
+            stop = False
+            while len(batch) < 2000:
+                try:
+                    nxt = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(db, batch)
+            if stop:
+                return
 
-    def _synced(self, loop, futures, error) -> None:
-        """In ``loop``: a sync finished; reply, then commit what waited."""
-        _resolve_all(futures, error)
-        self._flush(loop)
-
-    def _commit(self, batch: list[_Op]) -> None:
+    def _commit(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         t0 = time.monotonic()
         error: Exception | None = None
-        db = self._db
-        with self._write_lock:
+        # Only new mail needs its fsync before the reply (the 250). A batch
+        # of finish/reschedule ops is committed without one: SIGKILL cannot
+        # lose it (it is in the WAL, in the page cache), and the next
+        # fsyncing commit syncs it too; only an OS crash in between can undo
+        # it, which means redelivery (at-least-once), never loss.
+        durable = any(op.kind == "accept" for op in batch)
+        if durable != self._synchronous_full:
             try:
-                if db is None:
-                    raise sqlite3.OperationalError("spool is closed")
-                db.execute("BEGIN IMMEDIATE")
-                for op in batch:
-                    self._apply(db, op)
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                try:
-                    db.execute("ROLLBACK")
-                except (sqlite3.Error, AttributeError):
-                    pass
-                error = exc
+                db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._synchronous_full = durable
+            except sqlite3.Error:
+                pass
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                self._apply(db, op)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            error = exc
         if error is not None and len(batch) > 1:
             # One bad op must not fail its neighbours: retry them one by one.
             for op in batch:
-                self._commit([op])
+                self._commit(db, [op])
             return
         self.commits += 1
         self.committed_ops += len(batch)
         self.commit_seconds += time.monotonic() - t0
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:  # close() from outside any loop
-            running = None
+        outcome = None
         if error is not None:
             text = str(error)
             full = "full" in text.lower() or "disk" in text.lower()
             outcome = SpoolError(f"spool write failed: {text}", disk_full=full)
-            for op in batch:
-                _resolve_in(running, op.loop, op.future, outcome)
-            return
-        # Only new mail needs its fsync before the reply (the 250). Finished
-        # deliveries and retry times are not synced: SIGKILL cannot lose
-        # them (they are in the WAL, in the page cache), and the next sync
-        # covers them too; only an OS crash in between can undo one, which
-        # means redelivery (at-least-once), never loss.
-        durable = []
-        size = 0
+        # One wake-up of each waiting event loop per commit, not one per op.
+        by_loop: dict = {}
         for op in batch:
-            if op.kind == "accept":
-                durable.append(op)
-                size += len(op.args[1])
-            else:
-                _resolve_in(running, op.loop, op.future, None)
-        self._since_checkpoint += size + 512 * len(batch)
-        if durable:
-            with self._sync_cond:
-                self._to_sync.append(durable)
-                self._inflight += 1
-                self._sync_cond.notify()
-
-    # -- the sync thread ---------------------------------------------------
-    CHECKPOINT_BYTES = 8 << 20  # checkpoint the WAL after about this much
-    CHECKPOINT_IDLE = 1.0       # ... or after this many seconds without a sync
-
-    def _syncer(self) -> None:
-        wal_path = self.path + "-wal"
-        wal_fd: int | None = None
-        ckpt: sqlite3.Connection | None = None
-        try:
-            while True:
-                with self._sync_cond:
-                    if not self._to_sync and not self._stopping:
-                        self._sync_cond.wait(self.CHECKPOINT_IDLE)
-                    batch, self._to_sync = self._to_sync, []
-                    stopping = self._stopping
-                if batch:
-                    t0 = time.monotonic()
-                    error = None
-                    try:
-                        wal_fd = self._sync_wal(wal_path, wal_fd)
-                    except OSError as exc:
-                        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                        error = SpoolError(f"spool sync failed: {exc}", disk_full=full)
-                    self.syncs += 1
-                    self.commit_seconds += time.monotonic() - t0
-                    with self._sync_cond:
-                        self._inflight -= len(batch)
-                        deferred, self._deferred = self._deferred, set()
-                    by_loop: dict = {loop: [] for loop in deferred}
-                    for ops in batch:
-                        for op in ops:
-                            by_loop.setdefault(op.loop, []).append(op.future)
-                    for loop, futures in by_loop.items():
-                        try:
-                            loop.call_soon_threadsafe(self._synced, loop, futures, error)
-                        except RuntimeError:  # that loop is closed: nobody is waiting
-                            pass
-                if self._since_checkpoint and (
-                        self._since_checkpoint >= self.CHECKPOINT_BYTES or not batch or stopping):
-                    self._since_checkpoint = 0
-                    ckpt = self._checkpoint(ckpt)
-                if stopping:
-                    with self._sync_cond:
-                        if not self._to_sync:
-                            return
-        finally:
-            if wal_fd is not None:
-                os.close(wal_fd)
-            if ckpt is not None:
-                ckpt.close()
-
-    def _sync_wal(self, wal_path: str, fd: int | None) -> int:
-        """fdatasync the WAL file (reopened if SQLite replaced it). A newly
-        opened WAL also gets its directory entry synced, once."""
-        if fd is not None:
+            by_loop.setdefault(op.loop, []).append(op.future)
+        for loop, futures in by_loop.items():
             try:
-                if os.stat(wal_path).st_ino != os.fstat(fd).st_ino:
-                    os.close(fd)
-                    fd = None
-            except FileNotFoundError:
-                os.close(fd)
-                fd = None
-        if fd is None:
-            fd = os.open(wal_path, os.O_RDONLY | os.O_CLOEXEC)
-            dir_fd = os.open(os.path.dirname(wal_path) or ".", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        os.fdatasync(fd)
-        return fd
-
-    def _checkpoint(self, ckpt: sqlite3.Connection | None) -> sqlite3.Connection | None:
-        """Copy the WAL into the database file (PASSIVE: never blocks the
-        writer); SQLite syncs the WAL before and the database after."""
-        try:
-            if ckpt is None:
-                ckpt = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-                ckpt.execute("PRAGMA synchronous=NORMAL")
-                ckpt.execute("PRAGMA busy_timeout=1000")
-            ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:
-            self.warn(f"spool file {self.path}: checkpoint failed: {exc}")
-        return ckpt
+                loop.call_soon_threadsafe(_resolve_all, futures, outcome)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
 
     @staticmethod
     def _apply(db: sqlite3.Connection, op: _Op) -> None:
@@ -567,21 +446,6 @@ class Spool:
 def _resolve_all(futures, error: Exception | None) -> None:
     for fut in futures:
         _resolve(fut, error)
-
-
-def _resolve_from_thread(loop, futures, error: Exception | None) -> None:
-    try:
-        loop.call_soon_threadsafe(_resolve_all, futures, error)
-    except RuntimeError:  # that loop is closed: nobody is waiting any more
-        pass
-
-
-def _resolve_in(running, loop, fut: asyncio.Future, error: Exception | None) -> None:
-    """Resolve a future of ``loop`` from the thread running ``running``."""
-    if running is loop:
-        _resolve(fut, error)
-    else:
-        _resolve_from_thread(loop, [fut], error)
 
 
 def _resolve(fut: asyncio.Future, error: Exception | None) -> None:
