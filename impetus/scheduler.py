@@ -666,10 +666,11 @@ class Scheduler:
                                    NOT_CONNECTED, connid, 0, "") for m in batch])
             return
         try:
+            # The client's facts are only for XCLIENT: no address parsing otherwise.
+            client = (ClientFacts.from_reception(first.peer_ip, first.helo, first.proto)
+                      if conn.xclient_mode in ("ifavailable", "required") else None)
             results = await conn.send(first.sender, [m.rcpt for m in batch], body,
-                                      body_8bit=_has_8bit(body),
-                                      client=ClientFacts.from_reception(first.peer_ip, first.helo,
-                                                                        first.proto))
+                                      body_8bit=not body.isascii(), client=client)
         except DeliveryError as exc:
             conn.close()
             for m in batch:
@@ -1073,11 +1074,3 @@ class Scheduler:
                 q = self.queue_for(m.binding, m.domain)
                 out[q] = out.get(q, 0) + 1
         return out
-
-
-def _has_8bit(body: bytes) -> bool:
-    try:
-        body.decode("ascii")
-        return False
-    except UnicodeDecodeError:
-        return True

@@ -113,6 +113,13 @@ def no_response_reply(stage: int) -> Reply:
 _ENH_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 
 
+# Single-line replies seen before, parsed once (Reply is immutable): a relay
+# sees the same "250 2.1.0 Ok" thousands of times a second. Bounded; unique
+# texts such as "queued as ..." stop being added once it is full.
+_REPLY_CACHE: dict[bytes, Reply] = {}
+_REPLY_CACHE_SIZE = 1024
+
+
 class ReplyParser:
     """Incremental reply parser.  ``feed(bytes) -> list[Reply]``.
 
@@ -175,6 +182,11 @@ class ReplyParser:
                 self._fail("reply line too long")
             line = bytes(buf[start:end])
             start = i + 1
+            if not self._lines:
+                known = _REPLY_CACHE.get(line)
+                if known is not None:
+                    out.append(known)
+                    continue
             code = line[:3]
             if len(code) != 3 or not code.isdigit() or code[0] not in b"2345":
                 self._fail(f"malformed reply line {line[:64]!r}")
@@ -189,7 +201,10 @@ class ReplyParser:
                 if len(self._lines) >= self.max_lines:
                     self._fail("too many lines in one reply")
                 continue
-            out.append(self._make(int(code), self._lines))
+            reply = self._make(int(code), self._lines)
+            if len(self._lines) == 1 and len(_REPLY_CACHE) < _REPLY_CACHE_SIZE:
+                _REPLY_CACHE[line] = reply
+            out.append(reply)
             self._lines = []
         if start:
             del buf[:start]
