@@ -30,7 +30,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-SHARED="${SHARED:-$ROOT/../shared/bench}"
+export SHARED="${SHARED:-$ROOT/../shared/bench}"
 REPS=${REPS:-3} N=${N:-20000} SIZE=${SIZE:-5120} SESSIONS=${SESSIONS:-20}
 RP=${RECEPTION_PROCESSES:-0}
 OUT=${OUT:-/tmp/impetus-compare}

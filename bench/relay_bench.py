@@ -292,7 +292,8 @@ class PostfixUnderTest:
     reaped ones included through its cutime) is the MTA's CPU and RSS."""
 
     def __init__(self, conf, port, sink_port):
-        shared = REPO.parent / "shared" / "bench"
+        # $SHARED (set by compare_postfix.sh) lets a checkout elsewhere find it.
+        shared = Path(os.environ.get("SHARED") or REPO.parent / "shared" / "bench")
         if str(shared) not in sys.path:
             sys.path.insert(0, str(shared))
         import bench_harness                       # the shared Postfix baseline harness
