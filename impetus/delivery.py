@@ -508,13 +508,15 @@ class Connection:
             return  # ifavailable: the refused command changed nothing; send without
 
     async def send(self, sender: str, rcpts: list[str], body: bytes, *, body_8bit: bool = False,
-                   smtputf8: bool = False, client: ClientFacts | None = None) -> list[RcptResult]:
+                   smtputf8: bool = False, client: ClientFacts | None = None,
+                   crlf_clean: bool = False) -> list[RcptResult]:
         """One transaction, driven by the sans-I/O ``Transaction``.
 
         Returns one result per recipient, in order. A connection failure in
         the middle gives every recipient without an outcome the internal
         reply for that stage, and marks the connection broken.  ``client``:
-        the injecting client, for XCLIENT.
+        the injecting client, for XCLIENT. ``crlf_clean``: ``body`` is known
+        to have no bare CR/LF (a spooled body): it is not scanned for them.
         """
         if self.xclient_mode in ("ifavailable", "required"):
             try:
@@ -535,7 +537,7 @@ class Connection:
                 if tx.done:
                     break
                 if tx.wants_body:
-                    self._write(dot_stuff(body))
+                    self._write(dot_stuff(body, crlf_clean))
                     tx.body_sent()
                     await self._drain(self.timeouts.body, Stage.BODY)
                     out = b""

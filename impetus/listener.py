@@ -15,6 +15,7 @@ import ssl
 import time
 
 from .smtp import serve as smtp_serve
+from .smtp.crlf import is_crlf
 from .smtp.reply import Reply
 from .smtp.server import Policy, ServerSettings
 from .auth import PasswordFile
@@ -226,10 +227,14 @@ class Listener:
                                              session.peer_ip, envelope.helo)
         if binding == "default" and self.config.lookup("Default_Binding") == "none":
             return NO_BINDING  # spec §2.5: refused at reception, never queued
-        body = received.encode("utf-8", "surrogateescape") + body
+        header = received.encode("utf-8", "surrogateescape")
+        body = header + body
         sub = Submission(sender=envelope.mail_from, recipients=list(envelope.rcpt_to), body=body,
                          peer_ip=session.peer_ip or "unknown", proto="esmtp", helo=envelope.helo,
-                         binding=binding, group=self.config.group_of(binding), batch_id=batch_id)
+                         binding=binding, group=self.config.group_of(binding), batch_id=batch_id,
+                         # The core normalised the body; the header has the
+                         # client's HELO in it, which may hold a bare CR.
+                         crlf_clean=is_crlf(header))
         try:
             msgs, committed = self.spool.accept_nowait(sub)
         except SpoolError as exc:

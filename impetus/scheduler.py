@@ -670,7 +670,8 @@ class Scheduler:
             client = (ClientFacts.from_reception(first.peer_ip, first.helo, first.proto)
                       if conn.xclient_mode in ("ifavailable", "required") else None)
             results = await conn.send(first.sender, [m.rcpt for m in batch], body,
-                                      body_8bit=not body.isascii(), client=client)
+                                      body_8bit=not body.isascii(), client=client,
+                                      crlf_clean=True)  # spooled bodies are (spool.Submission)
         except DeliveryError as exc:
             conn.close()
             for m in batch:

@@ -28,6 +28,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .smtp.crlf import to_crlf
+
 log = logging.getLogger("impetus.spool")
 
 SCHEMA = """
@@ -108,6 +110,10 @@ class Submission:
     binding: str = "default"
     group: str = "default"
     batch_id: str | None = None  # pre-allocated by reception (for Received:)
+    # The body has no bare CR or LF (reception normalised it): the spool
+    # skips its own check. Spooled bodies are always CRLF-clean, so that
+    # delivery can send them without scanning (impetus.smtp.crlf).
+    crlf_clean: bool = False
 
 
 def _domain_of(addr: str) -> str:
@@ -320,11 +326,12 @@ class Spool:
         is done (or failed with ``SpoolError``) once they are durable."""
         now = time.time()
         batch_id = sub.batch_id or self.ids.next()
+        body = sub.body if sub.crlf_clean else to_crlf(sub.body)
         msgs = [QueuedMessage(self.ids.next(), batch_id, sub.sender, rcpt, _domain_of(rcpt),
-                              sub.binding, sub.group, now, 0, now, len(sub.body),
+                              sub.binding, sub.group, now, 0, now, len(body),
                               sub.peer_ip, sub.proto, sub.helo)
                 for rcpt in sub.recipients]
-        return msgs, self._submit("accept", (batch_id, sub.body, msgs))
+        return msgs, self._submit("accept", (batch_id, body, msgs))
 
     async def finish(self, msgs: list[QueuedMessage]) -> None:
         """Delivered or failed for good: forget them (and unreferenced bodies)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import re
 
+from .crlf import to_crlf
 from .reply import Reply
 
 __all__ = [
@@ -341,19 +342,14 @@ def xclient(attrs: dict[str, str | None]) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-def _normalise(body: bytes) -> bytes:
-    nlf = body.count(b"\n")
-    if nlf != body.count(b"\r") or nlf != body.count(b"\r\n"):
-        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+def dot_stuff_chunks(body: bytes, crlf_clean: bool = False) -> list[bytes]:
+    """Like :func:`dot_stuff` but returns pieces for ``writelines`` (no copy
+    of a clean body). ``crlf_clean``: the caller knows ``body`` has no bare
+    CR or LF (a spooled body, see :mod:`impetus.smtp.crlf`): no scan for them."""
+    if not crlf_clean:
+        body = to_crlf(body)
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
-    return body
-
-
-def dot_stuff_chunks(body: bytes) -> list[bytes]:
-    """Like :func:`dot_stuff` but returns pieces for ``writelines`` (no copy
-    of a clean body)."""
-    body = _normalise(body)
     if body[:1] == b".":
         body = b"." + body
     if b"\r\n." in body:
@@ -361,11 +357,11 @@ def dot_stuff_chunks(body: bytes) -> list[bytes]:
     return [body, b".\r\n"]
 
 
-def dot_stuff(body: bytes) -> bytes:
+def dot_stuff(body: bytes, crlf_clean: bool = False) -> bytes:
     """Wire form of a message body for after ``354``: bare CR/LF become CRLF,
     a final CRLF is added if missing, lines starting with ``.`` get another
     ``.``, and the ``.\\r\\n`` terminator is appended."""
-    a, b = dot_stuff_chunks(body)
+    a, b = dot_stuff_chunks(body, crlf_clean)
     return a + b
 
 

@@ -119,6 +119,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .address import Address, AddressError, parse_params, parse_path, split_argument
+from .crlf import to_crlf
 from .reply import Reply
 
 __all__ = [
@@ -804,10 +805,7 @@ class ServerConnection:
                 body = body[1:]
             if b"\r\n." in body:
                 body = body.replace(b"\r\n.", b"\r\n")
-            # bare CR / bare LF -> CRLF
-            nlf = body.count(b"\n")
-            if nlf != body.count(b"\r") or nlf != body.count(b"\r\n"):
-                body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            body = to_crlf(body)  # bare CR / bare LF -> CRLF
             if self._maxsize and len(body) > self._maxsize:
                 reject = R_SIZE
             elif self.settings.reject_nul and b"\0" in body:
