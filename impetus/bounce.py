@@ -50,6 +50,8 @@ import time
 from dataclasses import dataclass
 from email.utils import format_datetime
 
+from .smtp.crlf import to_crlf
+
 __all__ = ["Failure", "render_bounce", "should_bounce", "split_original", "is_8bit"]
 
 INLINE_MODES = ("headers", "all", "none")
@@ -83,17 +85,6 @@ def should_bounce(sender: str | None) -> bool:
 def is_8bit(data: bytes) -> bool:
     """True when ``data`` has bytes >= 0x80 (send with ``BODY=8BITMIME``)."""
     return not data.isascii()
-
-
-_EOL = re.compile(rb"\r\n|\r|\n")
-
-
-def _crlf(data: bytes) -> bytes:
-    """Normalise every line ending (CRLF, lone CR, lone LF) to CRLF."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
-        return data
-    return _EOL.sub(b"\r\n", data)
 
 
 # Leading header lines: a field name (printable ASCII but ':'), optional
@@ -130,7 +121,7 @@ def _header_span(data: bytes) -> tuple[int, int, int]:
 def _header_block(original: bytes) -> bytes:
     data = bytes(original)
     start, end, _ = _header_span(data)
-    headers = _crlf(data[start:end])
+    headers = to_crlf(data[start:end])
     if headers and not headers.endswith(b"\r\n"):
         headers += b"\r\n"
     return headers
@@ -146,10 +137,10 @@ def split_original(original: bytes) -> tuple[bytes, bytes]:
     """
     data = bytes(original)
     start, end, body = _header_span(data)
-    headers = _crlf(data[start:end])
+    headers = to_crlf(data[start:end])
     if headers and not headers.endswith(b"\r\n"):
         headers += b"\r\n"
-    return headers, _crlf(data[body:])
+    return headers, to_crlf(data[body:])
 
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -243,7 +234,7 @@ def render_bounce(
     if mode == "headers":
         orig_part = _header_block(original)
     elif mode == "all":
-        orig_part = _crlf(bytes(original))
+        orig_part = to_crlf(bytes(original))
         if orig_part and not orig_part.endswith(b"\r\n"):
             orig_part += b"\r\n"
 

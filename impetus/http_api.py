@@ -55,6 +55,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
+from .smtp.crlf import to_crlf
+
 log = logging.getLogger("impetus.http")
 
 READ_TIMEOUT = 30.0
@@ -205,7 +207,6 @@ class HttpError(Exception):
 
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
-_BARE_EOL = re.compile(rb"\r\n|\r|\n")
 
 
 def normalise_message(data: bytes) -> bytes:
@@ -215,7 +216,7 @@ def normalise_message(data: bytes) -> bytes:
         raise HttpError(400, "the message is empty")
     if b"\x00" in data:
         raise HttpError(400, "the message contains NUL bytes")
-    data = _BARE_EOL.sub(b"\r\n", data)
+    data = to_crlf(data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     if not _HEADER_LINE.match(data):
