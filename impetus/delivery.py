@@ -178,6 +178,11 @@ class Connection:
     def remote_ip(self) -> str:
         return self.hop.ip
 
+    @property
+    def uses_xclient(self) -> bool:
+        """Whether ``send`` speaks for the injecting client (XCLIENT)."""
+        return self.xclient_mode in ("ifavailable", "required")
+
     # -- low level ---------------------------------------------------------
     def _write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -518,7 +523,7 @@ class Connection:
         the injecting client, for XCLIENT. ``crlf_clean``: ``body`` is known
         to have no bare CR/LF (a spooled body): it is not scanned for them.
         """
-        if self.xclient_mode in ("ifavailable", "required"):
+        if self.uses_xclient:
             try:
                 await self._xclient(client or ClientFacts())
             except DeliveryError as exc:

@@ -668,7 +668,7 @@ class Scheduler:
         try:
             # The client's facts are only for XCLIENT: no address parsing otherwise.
             client = (ClientFacts.from_reception(first.peer_ip, first.helo, first.proto)
-                      if conn.xclient_mode in ("ifavailable", "required") else None)
+                      if conn.uses_xclient else None)
             results = await conn.send(first.sender, [m.rcpt for m in batch], body,
                                       body_8bit=not body.isascii(), client=client,
                                       crlf_clean=True)  # spooled bodies are (spool.Submission)
