@@ -426,7 +426,8 @@ class Spool:
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
 
-    # Rows per multi-row statement: under SQLite's 32766 bound parameters.
+    # Rows per multi-row statement, at most (fewer when the SQLite build's
+    # bound-parameter limit asks for it: 999 before 3.32, 32766 after).
     ROWS_PER_STATEMENT = 500
 
     @classmethod
@@ -453,35 +454,33 @@ class Spool:
                 reschedules.extend(op.args)
             else:  # pragma: no cover - programming error
                 raise ValueError(kind)
-        cls._insert(db, "INSERT INTO bodies(batch_id, data) VALUES ", 2, bodies)
+        limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        cls._insert(db, "INSERT INTO bodies(batch_id, data) VALUES ", 2, bodies, limit)
         cls._insert(db, "INSERT INTO messages(msgid, batch_id, sender, rcpt, domain, binding,"
                         " grp, received_at, retries, next_attempt, size, peer_ip, proto, helo)"
-                        " VALUES ", 14, messages)
+                        " VALUES ", 14, messages, limit)
         if reschedules:
             db.executemany("UPDATE messages SET retries=?, next_attempt=? WHERE msgid=?",
                            reschedules)
-        if finished:
-            n = cls.ROWS_PER_STATEMENT
-            msgids = [mid for mid, _ in finished]
-            for i in range(0, len(msgids), n):
-                part = msgids[i:i + n]
-                db.execute(f"DELETE FROM messages WHERE msgid IN ({','.join('?' * len(part))})",
-                           part)
-            batch_ids = list({b for _, b in finished})
-            for i in range(0, len(batch_ids), n):
-                part = batch_ids[i:i + n]
-                db.execute(f"DELETE FROM bodies WHERE batch_id IN ({','.join('?' * len(part))})"
-                           " AND NOT EXISTS (SELECT 1 FROM messages m"
-                           " WHERE m.batch_id = bodies.batch_id)", part)
+        for part in cls._parts([mid for mid, _ in finished], limit):
+            db.execute(f"DELETE FROM messages WHERE msgid IN ({','.join('?' * len(part))})", part)
+        for part in cls._parts(list({b for _, b in finished}), limit):
+            db.execute(f"DELETE FROM bodies WHERE batch_id IN ({','.join('?' * len(part))})"
+                       " AND NOT EXISTS (SELECT 1 FROM messages m"
+                       " WHERE m.batch_id = bodies.batch_id)", part)
 
     @classmethod
-    def _insert(cls, db: sqlite3.Connection, head: str, width: int, rows: list) -> None:
-        n = cls.ROWS_PER_STATEMENT
+    def _insert(cls, db: sqlite3.Connection, head: str, width: int, rows: list,
+                limit: int) -> None:
         row = "(" + ",".join("?" * width) + ")"
-        for i in range(0, len(rows), n):
-            part = rows[i:i + n]
-            db.execute(head + ",".join([row] * len(part)),
-                       [v for r in part for v in r])
+        for part in cls._parts(rows, limit // width):
+            db.execute(head + ",".join([row] * len(part)), [v for r in part for v in r])
+
+    @classmethod
+    def _parts(cls, rows: list, most: int) -> list[list]:
+        """``rows`` in slices of at most ``most`` and ``ROWS_PER_STATEMENT``."""
+        n = max(1, min(most, cls.ROWS_PER_STATEMENT))
+        return [rows[i:i + n] for i in range(0, len(rows), n)]
 
 
 def _resolve_all(futures, error: Exception | None) -> None:

@@ -105,3 +105,19 @@ def test_unwritable_spool_is_a_clear_error(tmp_path):
     target.write_text("not a directory")
     with pytest.raises((SpoolError, OSError)):
         Spool(str(target / "sub")).open()
+
+
+async def test_more_rows_than_one_statement_takes(spool):
+    """Multi-row statements are split to fit SQLite's bound-parameter limit
+    (999 in SQLite before 3.32, set here; 14 per message row): a 2 500-recipient
+    transaction is stored and finished whole."""
+    spool._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    rcpts = [f"r{i}@b.test" for i in range(2500)]
+    msgs = await spool.accept(Submission("s@a.test", rcpts, b"body\r\n"))
+    assert spool.count() == 2500
+    await spool.finish(msgs[:2000])
+    assert spool.count() == 500 and spool.body(msgs[0].batch_id) == b"body\r\n"
+    await spool.finish(msgs[2000:])
+    assert spool.count() == 0
+    with pytest.raises(SpoolError):
+        spool.body(msgs[0].batch_id)
