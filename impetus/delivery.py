@@ -139,17 +139,6 @@ class Timeouts:
 
 
 @dataclass
-class Follow:
-    """The next transaction to pipeline behind a body (``Connection.send``)."""
-    sender: str
-    rcpts: list[str]
-    body: bytes
-    body_8bit: bool = False
-    crlf_clean: bool = False
-    tag: object = None  # the caller's own (the scheduler's batch)
-
-
-@dataclass
 class RcptResult:
     reply: Reply
     stage: int
@@ -184,10 +173,6 @@ class Connection:
         self.garbled: Reply | None = None  # set once the peer sent an unparsable reply
         self.cap_keys: list = []  # the scheduler's connection caps this connection holds
         self.rcpts_sent = 0
-        # A transaction whose commands went out behind the previous body
-        # (send(follow=...)), to be finished by send_queued().
-        self.queued: tuple | None = None
-        self.failure: Reply | None = None  # why the session became unusable
 
     @property
     def remote_ip(self) -> str:
@@ -273,8 +258,6 @@ class Connection:
         self.broken = False
         self.tls_info = None
         self.xclient_identity = None
-        self.queued = None
-        self.failure = None
 
     async def open(self) -> None:
         """Connect, read the banner, EHLO (HELO fallback) / LHLO, and
@@ -531,7 +514,7 @@ class Connection:
 
     async def send(self, sender: str, rcpts: list[str], body: bytes, *, body_8bit: bool = False,
                    smtputf8: bool = False, client: ClientFacts | None = None,
-                   crlf_clean: bool = False, follow=None) -> list[RcptResult]:
+                   crlf_clean: bool = False) -> list[RcptResult]:
         """One transaction, driven by the sans-I/O ``Transaction``.
 
         Returns one result per recipient, in order. A connection failure in
@@ -539,52 +522,18 @@ class Connection:
         reply for that stage, and marks the connection broken.  ``client``:
         the injecting client, for XCLIENT. ``crlf_clean``: ``body`` is known
         to have no bare CR/LF (a spooled body): it is not scanned for them.
-
-        ``follow``: called (synchronously) when the body is about to go out;
-        it may return the next transaction on this connection as a
-        :class:`Follow`, whose MAIL/RCPT/DATA are then written in the same
-        packet as this body's final dot (RFC 2920 §3.1: message content may
-        start a command group). The caller must then run it with
-        :meth:`send_queued` before anything else.
         """
         if self.uses_xclient:
             try:
                 await self._xclient(client or ClientFacts())
             except DeliveryError as exc:
                 return [RcptResult(exc.reply, int(exc.stage)) for _ in rcpts]
-        tx = self._transaction(sender, rcpts, len(body), body_8bit, smtputf8)
-        return await self._run(tx, tx.begin(), body, crlf_clean, follow)
-
-    async def send_queued(self, follow=None) -> list[RcptResult]:
-        """Finish the transaction that ``follow`` queued behind the previous
-        body. If that previous transaction left the connection unusable, its
-        failure is this one's too (its commands were sent on that session)."""
-        queued, self.queued = self.queued, None
-        if queued is None:
-            raise RuntimeError("no transaction is queued on this connection")
-        tx, item = queued
-        if self.broken:
-            reply = self.failure or CLOSED_BY_REMOTE
-            tx.abort(reply, tx.stage)
-            self.rcpts_sent += len(tx.rcpts)
-            return [RcptResult(o.reply, int(o.stage)) for o in tx.outcomes]
-        return await self._run(tx, b"", item.body, item.crlf_clean, follow)
-
-    def _transaction(self, sender: str, rcpts: list[str], size: int, body_8bit: bool,
-                     smtputf8: bool) -> Transaction:
         ext = self.extensions
-        return Transaction(sender, rcpts, pipelining="PIPELINING" in ext, lmtp=self.lmtp,
-                           size=size if "SIZE" in ext else None,
-                           body_8bit=body_8bit and "8BITMIME" in ext,
-                           smtputf8=smtputf8 and "SMTPUTF8" in ext)
-
-    @property
-    def can_follow(self) -> bool:
-        """Whether a next transaction may be pipelined behind a body."""
-        return "PIPELINING" in self.extensions and not self.uses_xclient
-
-    async def _run(self, tx: Transaction, out: bytes, body: bytes, crlf_clean: bool,
-                   follow) -> list[RcptResult]:
+        tx = Transaction(sender, rcpts, pipelining="PIPELINING" in ext, lmtp=self.lmtp,
+                         size=len(body) if "SIZE" in ext else None,
+                         body_8bit=body_8bit and "8BITMIME" in ext,
+                         smtputf8=smtputf8 and "SMTPUTF8" in ext)
+        out = tx.begin()
         try:
             while True:
                 if out:
@@ -593,14 +542,7 @@ class Connection:
                 if tx.done:
                     break
                 if tx.wants_body:
-                    data = dot_stuff(body, crlf_clean)
-                    nxt = follow() if follow is not None and self.can_follow else None
-                    if nxt is not None:
-                        ntx = self._transaction(nxt.sender, nxt.rcpts, len(nxt.body),
-                                                nxt.body_8bit, False)
-                        data += ntx.begin()
-                        self.queued = (ntx, nxt)
-                    self._write(data)
+                    self._write(dot_stuff(body, crlf_clean))
                     tx.body_sent()
                     await self._drain(self.timeouts.body, Stage.BODY)
                     out = b""
@@ -609,12 +551,9 @@ class Connection:
                 out = tx.feed(await self._reply(self._timeout_for(stage), stage))
         except DeliveryError as exc:
             tx.abort(exc.reply, exc.stage)
-            self.failure = exc.reply
         if not tx.connection_usable:
             self.broken = True
-            if self.failure is None:
-                self.failure = tx.outcomes[-1].reply if tx.outcomes and tx.outcomes[-1] else None
-        self.rcpts_sent += len(tx.rcpts)
+        self.rcpts_sent += len(rcpts)
         self.deliveries += len(tx.delivered)
         return [RcptResult(o.reply, int(o.stage)) for o in tx.outcomes]
 
@@ -633,9 +572,7 @@ class Connection:
         if self.writer is None:
             return
         try:
-            # Not with a pipelined transaction still owed replies: its
-            # MAIL/RCPT/DATA went out, QUIT now would be read as its body.
-            if not self.broken and self.queued is None:
+            if not self.broken:
                 self._write(b"QUIT\r\n")
                 await asyncio.wait_for(self.writer.drain(), 5)
                 await asyncio.wait_for(self._reply(5, Stage.IDLE), 5)

@@ -28,8 +28,8 @@ from collections import OrderedDict, deque
 from . import router, throttle
 from .bounce import Failure, render_bounce, should_bounce
 from . import mta_sts, tls
-from .delivery import (ClientFacts, DeliveryError, Connection, Follow, NO_MXS_REACHABLE,
-                       NOT_CONNECTED, Timeouts, TlsPolicyError)
+from .delivery import (ClientFacts, DeliveryError, Connection, NO_MXS_REACHABLE, NOT_CONNECTED,
+                       Timeouts, TlsPolicyError)
 from .logs import classify_bounce
 from .smtp.reply import Reply
 from .spool import IdGenerator, QueuedMessage, Spool, SpoolError, Submission
@@ -544,17 +544,8 @@ class Scheduler:
     async def _worker(self, q: DomainQueue) -> None:
         conn: Connection | None = None
         starting = True
-        queued: Follow | None = None  # a batch pipelined behind the previous body
         try:
-            while queued is not None or not self.stopping:
-                if queued is not None:
-                    # Its MAIL/RCPT/DATA are on the wire: finish it first.
-                    follow, queued = queued, None
-                    queued = await self._deliver_batch(q, conn, follow.tag, follow)
-                    if queued is None and self._connection_spent(q, conn):
-                        await self._close_conn(conn)
-                        conn = None
-                    continue
+            while not self.stopping:
                 if q.active and self.suspended(q):
                     return  # held in the active queue until the suspension is lifted
                 if not q.active:
@@ -611,8 +602,10 @@ class Scheduler:
                         conn = None
                     await asyncio.sleep(wait)
                     continue
-                queued = await self._deliver_batch(q, conn, batch)
-                if queued is None and self._connection_spent(q, conn):
+                await self._deliver_batch(q, conn, batch)
+                max_deliveries = self._lookup("Max_Deliveries_Per_Connection", q)
+                if ((max_deliveries and conn.deliveries >= max_deliveries)
+                        or (per_conn and conn.rcpts_sent >= per_conn)):
                     await self._close_conn(conn)
                     conn = None
         except asyncio.CancelledError:
@@ -621,10 +614,6 @@ class Scheduler:
             log.exception("worker for %s/%s crashed", q.binding, q.domain)
             self.logs.paniclog.panic(f"worker for {q.binding}/{q.domain} crashed: {exc!r}")
         finally:
-            if queued is not None:  # never sent to completion: back to the queue
-                for m in reversed(queued.tag):
-                    m.state = "active"
-                    q.active.appendleft(m)
             if starting:
                 q.starting -= 1
             q.conns -= 1
@@ -666,83 +655,28 @@ class Scheduler:
             body = self.spool.body(batch_id)
         return body
 
-    def _connection_spent(self, q: DomainQueue, conn: Connection) -> bool:
-        """Max_Deliveries_Per_Connection / Max_Recipients_Per_Connection reached."""
-        max_deliveries = self._lookup("Max_Deliveries_Per_Connection", q)
-        per_conn = self._lookup("Max_Recipients_Per_Connection", q)
-        return bool((max_deliveries and conn.deliveries >= max_deliveries)
-                    or (per_conn and conn.rcpts_sent >= per_conn))
-
-    def _follow(self, q: DomainQueue, conn: Connection, in_flight: int) -> Follow | None:
-        """The next batch for ``conn``, to pipeline behind the body now going
-        out (saves a round trip and a write per message), or None when the
-        worker loop must decide: anything that needs waiting (throttles, an
-        expired route, a suspension) or could close the connection first."""
-        if (self.stopping or not q.active or conn.broken or q.decision is None
-                or q.decision.failure is not None or time.monotonic() >= q.decision_expires
-                or self.suspended(q)):
-            return None
-        for option in ("Outbound_Throttle_Messages", "Cluster_Outbound_Throttle_Messages"):
-            if self.config.throttle_bucket(option, domain=q.domain, binding=q.binding) is not None:
-                return None
-        limit = max(1, self._lookup("Max_Recipients_Per_Batch", q))
-        per_conn = self._lookup("Max_Recipients_Per_Connection", q)
-        if per_conn:
-            room = per_conn - conn.rcpts_sent - in_flight
-            if room < 1:
-                return None
-            limit = min(limit, room)
-        max_deliveries = self._lookup("Max_Deliveries_Per_Connection", q)
-        if max_deliveries and conn.deliveries + in_flight >= max_deliveries:
-            return None
-        try:
-            body = self._body(q.active[0].batch_id)
-        except SpoolError:
-            return None  # the worker loop takes it and reports the loss
-        batch = self._take_batch(q, limit)
-        first = batch[0]
-        return Follow(first.sender, [m.rcpt for m in batch], body, body_8bit=not body.isascii(),
-                      crlf_clean=True, tag=batch)
-
-    async def _deliver_batch(self, q: DomainQueue, conn: Connection, batch: list[QueuedMessage],
-                             queued: Follow | None = None) -> Follow | None:
-        """Deliver one batch on ``conn`` (``queued``: its commands already
-        went out behind the previous body). Returns the next batch when one
-        was pipelined behind this body: the caller delivers it next."""
+    async def _deliver_batch(self, q: DomainQueue, conn: Connection, batch: list[QueuedMessage]) -> None:
         connid = self.connids.next()
         first = batch[0]
-        following: list[Follow] = []
-
-        def follow() -> Follow | None:
-            nxt = self._follow(q, conn, len(batch))
-            if nxt is not None:
-                following.append(nxt)
-            return nxt
-
         try:
-            if queued is not None:
-                results = await conn.send_queued(follow=follow)
-            else:
-                try:
-                    body = self._body(first.batch_id)
-                except SpoolError as exc:
-                    self.logs.paniclog.panic(f"{first.msgid}: {exc}")
-                    self._permanent_many([(m, Reply(554, "5.3.0",
-                                                    "[internal] message body lost from spool"),
-                                           NOT_CONNECTED, connid, 0, "") for m in batch])
-                    return None
-                # The client's facts are only for XCLIENT: no address parsing otherwise.
-                client = (ClientFacts.from_reception(first.peer_ip, first.helo, first.proto)
-                          if conn.uses_xclient else None)
-                results = await conn.send(first.sender, [m.rcpt for m in batch], body,
-                                          body_8bit=not body.isascii(), client=client,
-                                          crlf_clean=True,  # spooled bodies are (spool.Submission)
-                                          follow=follow)
+            body = self._body(first.batch_id)
+        except SpoolError as exc:
+            self.logs.paniclog.panic(f"{first.msgid}: {exc}")
+            self._permanent_many([(m, Reply(554, "5.3.0", "[internal] message body lost from spool"),
+                                   NOT_CONNECTED, connid, 0, "") for m in batch])
+            return
+        try:
+            # The client's facts are only for XCLIENT: no address parsing otherwise.
+            client = (ClientFacts.from_reception(first.peer_ip, first.helo, first.proto)
+                      if conn.uses_xclient else None)
+            results = await conn.send(first.sender, [m.rcpt for m in batch], body,
+                                      body_8bit=not body.isascii(), client=client,
+                                      crlf_clean=True)  # spooled bodies are (spool.Submission)
         except DeliveryError as exc:
             conn.close()
             for m in batch:
                 self._transient(m, exc.reply, exc.stage, connid, conn.bytes_sent, conn.remote_ip)
-            return following[0] if following else None
+            return
         permanent = []
         delivered = []
         now = time.time()
@@ -764,7 +698,6 @@ class Scheduler:
             self._finish(delivered)
         if permanent:
             self._permanent_many(permanent)
-        return following[0] if following else None
 
     # -- outcomes --------------------------------------------------------------
     def _finish(self, msgs: list[QueuedMessage]) -> None:
