@@ -109,9 +109,10 @@ def test_unwritable_spool_is_a_clear_error(tmp_path):
 
 async def test_more_rows_than_one_statement_takes(spool):
     """Multi-row statements are split to fit SQLite's bound-parameter limit
-    (999 in SQLite before 3.32, set here; 14 per message row): a 2 500-recipient
-    transaction is stored and finished whole."""
+    (999 in SQLite before 3.32, set here; 16 per ``spool_ops`` row): a
+    2 500-recipient transaction is stored and finished whole."""
     spool._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    spool._lazy_db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
     rcpts = [f"r{i}@b.test" for i in range(2500)]
     msgs = await spool.accept(Submission("s@a.test", rcpts, b"body\r\n"))
     assert spool.count() == 2500
@@ -121,3 +122,95 @@ async def test_more_rows_than_one_statement_takes(spool):
     assert spool.count() == 0
     with pytest.raises(SpoolError):
         spool.body(msgs[0].batch_id)
+
+
+def _statements(into: set):
+    """A trace callback collecting statements (a set: the sqlite3 module
+    reports the top statement's text again for each trigger program run)."""
+    return into.add
+
+
+async def test_a_group_commit_is_one_statement(spool):
+    """New mail, finishes and reschedules submitted together are one group,
+    written by one ``INSERT INTO spool_ops`` in autocommit mode (no BEGIN /
+    COMMIT): each extra statement costs GIL hand-offs (issue 5)."""
+    old = await spool.accept(Submission("s@a.test", ["x@b.test", "y@b.test", "z@b.test"], b"old"))
+    seen = set()
+    spool._db.set_trace_callback(_statements(seen))
+    # Submitted back to back without yielding to the loop (and with a long
+    # GIL switch interval, so the writer cannot start between them): one group.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        new, committed = spool.accept_nowait(Submission("s@a.test", ["n1@c.test", "n2@c.test"],
+                                                        b"new body"))
+        finished = spool._submit("finish", [(m.msgid, m.batch_id) for m in old[:2]])
+        rescheduled = spool._submit("reschedule", [(4, 999.0, old[2].msgid)])
+    finally:
+        sys.setswitchinterval(interval)
+    await asyncio.gather(committed, finished, rescheduled)
+    spool._db.set_trace_callback(None)
+    [statement] = seen
+    assert statement.startswith("INSERT INTO spool_ops VALUES"), seen
+    assert spool.commits == 2
+    by_id = {m.msgid: m for m in spool.recover()}
+    assert sorted(by_id) == sorted([old[2].msgid] + [m.msgid for m in new])
+    assert (by_id[old[2].msgid].retries, by_id[old[2].msgid].next_attempt) == (4, 999.0)
+    assert spool.body(old[0].batch_id) == b"old"  # z still needs it
+    assert spool.body(new[0].batch_id) == b"new body"
+
+
+async def test_groups_without_new_mail_skip_the_fsync(spool):
+    """Finishes and reschedules go through the synchronous=NORMAL connection
+    (no fsync: losing one in an OS crash means redelivery, not loss); new
+    mail through the synchronous=FULL one."""
+    assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert spool._lazy_db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    full, lazy = set(), set()
+    spool._db.set_trace_callback(_statements(full))
+    spool._lazy_db.set_trace_callback(_statements(lazy))
+    msgs = await spool.accept(Submission("s@a.test", ["x@b.test"], b"body"))
+    await spool.finish(msgs)
+    spool._db.set_trace_callback(None)
+    spool._lazy_db.set_trace_callback(None)
+    [new_mail], [finish] = full, lazy
+    assert new_mail.startswith("INSERT INTO spool_ops VALUES ('b'")
+    assert finish.startswith("INSERT INTO spool_ops VALUES ('f'")
+    assert spool.count() == 0
+
+
+async def test_one_bad_op_does_not_fail_its_group(spool):
+    """A group whose statement fails is retried op by op: only the bad op
+    fails (here: a second transaction claiming an existing batch id)."""
+    first = await spool.accept(Submission("s@a.test", ["x@b.test"], b"one", batch_id="B1"))
+    bad = spool.accept(Submission("s@a.test", ["y@b.test"], b"two", batch_id="B1"))
+    good = spool.accept(Submission("s@a.test", ["z@b.test"], b"three"))
+    results = await asyncio.gather(bad, good, return_exceptions=True)
+    assert isinstance(results[0], SpoolError)
+    assert [m.rcpt for m in results[1]] == ["z@b.test"]
+    assert sorted(m.rcpt for m in spool.recover()) == ["x@b.test", "z@b.test"]
+    assert spool.body(first[0].batch_id) == b"one"
+
+
+def test_a_spool_from_before_spool_ops_gains_it_on_open(tmp_path):
+    """Spool files written before the ``spool_ops`` view existed are upgraded
+    in place when opened (CREATE ... IF NOT EXISTS), keeping their mail."""
+    base = str(tmp_path / "sp")
+    s = Spool(base)
+    s.open()
+    asyncio.run(s.accept(Submission("s@a.test", ["x@b.test"], b"kept")))
+    s.close()
+    db = sqlite3.connect(os.path.join(base, "spool-00.db"))
+    for trig in ("body", "message", "reschedule", "finish"):
+        db.execute(f"DROP TRIGGER spool_ops_{trig}")
+    db.execute("DROP VIEW spool_ops")
+    db.commit()
+    db.close()
+    s = Spool(base)
+    s.open()
+    try:
+        [old] = s.recover()
+        asyncio.run(s.finish([old]))
+        assert s.count() == 0
+    finally:
+        s.close()
