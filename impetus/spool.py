@@ -190,12 +190,9 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self._read_db: sqlite3.Connection | None = None
-        # The writer's second connection, synchronous=NORMAL, for groups with
-        # no new mail (see _commit); two connections instead of a PRAGMA
-        # switch (three more GIL hand-offs) whenever the kind of group changes.
-        self._lazy_db: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self.commits = 0
+        self._synchronous_full = True  # the writer connection's PRAGMA synchronous
         self.commit_seconds = 0.0
         self.committed_ops = 0
 
@@ -217,8 +214,6 @@ class Spool:
         self._db = self._connect()
         self._db.executescript(SCHEMA)
         self._db.commit()
-        self._lazy_db = self._connect()
-        self._lazy_db.execute("PRAGMA synchronous=NORMAL")
         self._read_db = self._connect()
 
     def _check(self) -> str | None:
@@ -232,13 +227,13 @@ class Spool:
         read by hand), start a fresh one, and copy into it every message whose
         row and body can still be read."""
         salvaged = []
-        for db in (self._read_db, self._db, self._lazy_db):
+        for db in (self._read_db, self._db):
             if db is not None:
                 try:
                     db.close()
                 except sqlite3.Error:
                     pass
-        self._db = self._read_db = self._lazy_db = None
+        self._db = self._read_db = None
         try:
             src = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             cur = src.execute("SELECT * FROM messages")
@@ -292,10 +287,10 @@ class Spool:
             self._ops.put(_STOP)
             self._thread.join(timeout=30)
             self._thread = None
-        for db in (self._db, self._lazy_db, self._read_db):
+        for db in (self._db, self._read_db):
             if db is not None:
                 db.close()
-        self._db = self._read_db = self._lazy_db = None
+        self._db = self._read_db = None
 
     # -- reads -----------------------------------------------------------
     def recover(self) -> list[QueuedMessage]:
@@ -396,6 +391,7 @@ class Spool:
         return fut
 
     def _writer(self) -> None:
+        db = self._db
         while True:
             op = self._ops.get()
             if op is _STOP:
@@ -412,11 +408,11 @@ class Spool:
                     stop = True
                     break
                 batch.append(nxt)
-            self._commit(batch)
+            self._commit(db, batch)
             if stop:
                 return
 
-    def _commit(self, batch: list[_Op]) -> None:
+    def _commit(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         t0 = time.monotonic()
         error: Exception | None = None
         # Only new mail needs its fsync before the reply (the 250). A batch
@@ -425,7 +421,12 @@ class Spool:
         # fsyncing commit syncs it too; only an OS crash in between can undo
         # it, which means redelivery (at-least-once), never loss.
         durable = any(op.kind == "accept" for op in batch)
-        db = self._db if durable else self._lazy_db
+        if durable != self._synchronous_full:
+            try:
+                db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._synchronous_full = durable
+            except sqlite3.Error:
+                pass
         try:
             self._apply(db, batch)
         except sqlite3.Error as exc:
@@ -438,7 +439,7 @@ class Spool:
         if error is not None and len(batch) > 1:
             # One bad op must not fail its neighbours: retry them one by one.
             for op in batch:
-                self._commit([op])
+                self._commit(db, [op])
             return
         self.commits += 1
         self.committed_ops += len(batch)
