@@ -462,7 +462,10 @@ class Spool:
     # Rows per multi-row statement, at most (fewer when the SQLite build's
     # bound-parameter limit asks for it: 999 before 3.32, 32766 after).
     ROWS_PER_STATEMENT = 500
-    _NO_MESSAGE = (None,) * 11
+    # spool_ops's columns (SCHEMA): kind, msgid, batch_id, data, then the
+    # message's sender ... helo; one bound parameter each.
+    _OP_WIDTH = 16
+    _OP_ROW = "(" + ",".join("?" * _OP_WIDTH) + ")"
 
     @classmethod
     def _apply(cls, db: sqlite3.Connection, batch: list[_Op]) -> None:
@@ -483,7 +486,7 @@ class Spool:
             kind = op.kind
             if kind == "accept":
                 batch_id, body, msgs = op.args
-                add(("b", None, batch_id, body) + cls._NO_MESSAGE + (None,))
+                add(("b", None, batch_id, body) + (None,) * 12)
                 for m in msgs:
                     add(("m", m.msgid, m.batch_id, None, m.sender, m.rcpt, m.domain, m.binding,
                          m.group, m.received_at, m.retries, m.next_attempt, m.size, m.peer_ip,
@@ -496,7 +499,8 @@ class Spool:
                     add(("r", msgid) + (None,) * 8 + (retries, next_attempt) + (None,) * 4)
             else:  # pragma: no cover - programming error
                 raise ValueError(kind)
-        parts = cls._parts(rows, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 16)
+        limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        parts = cls._parts(rows, limit // cls._OP_WIDTH)
         if len(parts) == 1:
             cls._insert_ops(db, parts[0])
             return
@@ -505,10 +509,9 @@ class Spool:
             cls._insert_ops(db, part)
         db.execute("COMMIT")
 
-    @staticmethod
-    def _insert_ops(db: sqlite3.Connection, rows: list[tuple]) -> None:
-        db.execute("INSERT INTO spool_ops VALUES "
-                   + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(rows)),
+    @classmethod
+    def _insert_ops(cls, db: sqlite3.Connection, rows: list[tuple]) -> None:
+        db.execute("INSERT INTO spool_ops VALUES " + ",".join([cls._OP_ROW] * len(rows)),
                    [v for r in rows for v in r])
 
     @classmethod
