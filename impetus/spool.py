@@ -390,6 +390,16 @@ class Spool:
         self._ops.put(_Op(kind, args, fut, loop))
         return fut
 
+    # A group of only finishes/reschedules waits this long (s) for new mail
+    # to commit with. Under load new mail comes within a millisecond or two,
+    # so each commit writes the b-tree pages both touch (table and index
+    # leaves, the header page) once instead of twice, and there is one commit
+    # (one statement, one wake-up) fewer. The cost: a SIGKILL in the wait
+    # undoes those finishes, i.e. mail delivered in the last few ms is
+    # delivered again (at-least-once); nothing acknowledged is lost.
+    DEFER_NONDURABLE = 0.02
+    GROUP_MAX = 2000
+
     def _writer(self) -> None:
         db = self._db
         while True:
@@ -398,19 +408,50 @@ class Spool:
                 return
             batch = [op]
             # Drain whatever else is waiting: one commit (one fsync) for all.
-            stop = False
-            while len(batch) < 2000:
-                try:
-                    nxt = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
+            stop = self._drain(batch)
+            if not stop and self.DEFER_NONDURABLE > 0 and not self._has_accept(batch):
+                stop = self._wait_for_accept(batch)
             self._commit(db, batch)
             if stop:
                 return
+
+    def _drain(self, batch: list) -> bool:
+        """Move every queued op into ``batch``; True when told to stop."""
+        while len(batch) < self.GROUP_MAX:
+            try:
+                nxt = self._ops.get_nowait()
+            except queue.Empty:
+                return False
+            if nxt is _STOP:
+                return True
+            batch.append(nxt)
+        return False
+
+    @staticmethod
+    def _has_accept(batch: list) -> bool:
+        for op in batch:
+            if op.kind == "accept":
+                return True
+        return False
+
+    def _wait_for_accept(self, batch: list) -> bool:
+        """Hold a non-durable group for up to DEFER_NONDURABLE for new mail
+        to ride along with; True when told to stop."""
+        deadline = time.monotonic() + self.DEFER_NONDURABLE
+        while len(batch) < self.GROUP_MAX:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                nxt = self._ops.get(timeout=remaining)
+            except queue.Empty:
+                return False
+            if nxt is _STOP:
+                return True
+            batch.append(nxt)
+            if nxt.kind == "accept":
+                return self._drain(batch)
+        return False
 
     def _commit(self, db: sqlite3.Connection, batch: list[_Op]) -> None:
         t0 = time.monotonic()
