@@ -175,6 +175,60 @@ async def test_groups_without_new_mail_skip_the_fsync(spool):
     assert spool.count() == 1
 
 
+async def test_finishes_wait_for_new_mail_and_commit_with_it(spool):
+    """A group of only finishes is held (up to DEFER_NONDURABLE) for new
+    mail: the next accept takes it along in its own commit, so the pages
+    both touch are written once (issue 5). The accept wakes the wait."""
+    old = await spool.accept(Submission("s@a.test", ["x@b.test"], b"old"))
+    spool.DEFER_NONDURABLE = 30.0  # only new mail can end this wait in time
+    commits = spool.commits
+    seen = []
+    spool._db.set_trace_callback(seen.append)
+    t0 = asyncio.get_running_loop().time()
+    finished = asyncio.ensure_future(spool.finish(old))
+    await asyncio.sleep(0)  # the task submits the finish
+    # Poll until the writer holds it (taken off the queue, not yet committed).
+    while not spool._ops.empty():
+        await asyncio.sleep(0.001)
+    new = await spool.accept(Submission("s@a.test", ["n@c.test"], b"new"))
+    await finished
+    spool._db.set_trace_callback(None)
+    assert asyncio.get_running_loop().time() - t0 < 10
+    assert spool.commits == commits + 1
+    assert [sql for sql in seen if sql.startswith("PRAGMA")] == []  # stayed FULL (fsync)
+    assert [m.msgid for m in spool.recover()] == [new[0].msgid]
+
+
+async def test_a_lone_finish_is_committed_after_the_wait(spool):
+    msgs = await spool.accept(Submission("s@a.test", ["x@b.test"], b"body"))
+    spool.DEFER_NONDURABLE = 0.05
+    t0 = asyncio.get_running_loop().time()
+    await spool.finish(msgs)
+    assert asyncio.get_running_loop().time() - t0 >= 0.04
+    assert spool.recover() == []
+
+
+async def test_close_commits_a_held_finish(tmp_path):
+    s = Spool(str(tmp_path / "sp"))
+    s.open()
+    msgs = await s.accept(Submission("s@a.test", ["x@b.test", "y@b.test"], b"body"))
+    s.DEFER_NONDURABLE = 30.0
+    finished = asyncio.ensure_future(s.finish(msgs[:1]))
+    await asyncio.sleep(0)  # the task submits the finish
+    while not s._ops.empty():  # ... and the writer holds it
+        await asyncio.sleep(0.001)
+    t0 = asyncio.get_running_loop().time()
+    s.close()  # must not sit out the 30 s
+    assert asyncio.get_running_loop().time() - t0 < 10
+    await finished
+    s2 = Spool(str(tmp_path / "sp"))
+    s2.open()
+    try:
+        assert [m.rcpt for m in s2.recover()] == ["y@b.test"]
+    finally:
+        s2.close()
+
+
 async def test_one_bad_op_does_not_fail_its_group(spool):
     """A group whose statement fails is retried op by op: only the bad op
     fails (here: a second transaction claiming an existing batch id)."""
