@@ -264,3 +264,37 @@ def test_a_spool_from_before_spool_ops_gains_it_on_open(tmp_path):
         assert s.count() == 0
     finally:
         s.close()
+
+
+async def test_new_spool_files_get_16k_pages_and_old_ones_keep_theirs(tmp_path):
+    """New files use Spool.PAGE_SIZE (fewer WAL frames per body, issue 5);
+    a file created with SQLite's default 4 KiB pages keeps them and works."""
+    new = Spool(str(tmp_path / "new"))
+    new.open()
+    try:
+        body = b"x" * 50_000
+        [m] = await new.accept(Submission("s@a.test", ["x@b.test"], body))
+        assert new.body(m.batch_id) == body
+    finally:
+        new.close()
+    db = sqlite3.connect(new.path)
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 16384
+    db.close()
+
+    old_base = tmp_path / "old"
+    old_base.mkdir()
+    db = sqlite3.connect(str(old_base / "spool-00.db"))
+    db.execute("PRAGMA page_size=4096")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    old = Spool(str(old_base))
+    old.open()
+    try:
+        [m] = await old.accept(Submission("s@a.test", ["x@b.test"], body))
+        assert old.body(m.batch_id) == body
+    finally:
+        old.close()
+    db = sqlite3.connect(old.path)
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    db.close()
