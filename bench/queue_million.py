@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from impetus.spool import SCHEMA  # noqa: E402
+from impetus.spool import SCHEMA, Spool  # noqa: E402
 from tests.mta import free_port  # noqa: E402
 
 
@@ -35,6 +35,7 @@ def build_spool(path: Path, n: int, domains: int, due: int, body_size: int) -> f
     t0 = time.monotonic()
     path.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path / "spool-00.db")
+    db.execute(f"PRAGMA page_size={Spool.PAGE_SIZE}")  # as Impetus creates its files
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=OFF")  # building the fixture only
     db.executescript(SCHEMA)
