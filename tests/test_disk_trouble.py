@@ -292,8 +292,8 @@ def test_missing_body_still_bounces(tmp_path, dns_server, smtp_sinks):
 
 def test_delivery_while_the_spool_is_full_loses_nothing(tmp_path, dns_server, smtp_sinks,
                                                         small_tmpfs):
-    """Delivery resumes while the disk is still full: the spool cannot record
-    that messages are done (paniclog ``spool update failed``), nothing
+    """Delivery resumes while the disk is still full: the spool may be unable
+    to record that messages are done (paniclog ``spool update failed``), nothing
     crashes, and after space returns and a restart every acknowledged
     message has been delivered at least once (copies delivered again after
     the restart are the at-least-once price, counted here)."""
@@ -319,7 +319,18 @@ def test_delivery_while_the_spool_is_full_loses_nothing(tmp_path, dns_server, sm
         wait_until(lambda: set(acked) <= set(delivered_ids(sink)), 20,
                    what="delivery while the spool is full")
         assert m.proc.poll() is None
-        assert any("spool update failed" in ln for ln in m.paniclog.lines())
+        # Whether the "done" records fit depends on the room the WAL file
+        # already has (a failed accept leaves its frames' space allocated):
+        # either they fail, and the paniclog says so, or they are on disk.
+        def recorded_or_reported():
+            if any("spool update failed" in ln for ln in m.paniclog.lines()):
+                return True
+            db = sqlite3.connect(f"file:{small_tmpfs / 'spool-00.db'}?mode=ro", uri=True)
+            try:
+                return db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+            finally:
+                db.close()
+        wait_until(recorded_or_reported, 10, what="done records written or their failure logged")
         filler.unlink()
         (small_tmpfs / "filler2").unlink()
         assert m.stop(signal.SIGTERM) == 0
