@@ -180,6 +180,22 @@ class _Op:
 
 
 class Spool:
+    # Page size of a new spool file. SQLite writes each changed page to the
+    # WAL with two pwrite calls (frame header, page): 16 KiB pages hold a
+    # 5 KB body in its table leaf (no overflow page) and a 50 KB one in 4
+    # pages instead of 13.
+    PAGE_SIZE = 16384
+
+    # A group of only finishes/reschedules waits this long (s) for new mail
+    # to commit with. Under load new mail comes within a millisecond or two,
+    # so each commit writes the b-tree pages both touch (table and index
+    # leaves, the header page) once instead of twice, and there is one commit
+    # (one statement, one wake-up) fewer. The cost: a SIGKILL in the wait
+    # undoes those finishes, i.e. mail delivered in the last few ms is
+    # delivered again (at-least-once); nothing acknowledged is lost.
+    DEFER_NONDURABLE = 0.02
+    GROUP_MAX = 2000
+
     def __init__(self, spoolbase: str, shard: int = 0, warn=None):
         self.warn = warn or log.warning  # the server points this at the paniclog
         self.spoolbase = spoolbase
@@ -392,22 +408,6 @@ class Spool:
         self._ops.put(_Op(kind, args, fut, loop))
         return fut
 
-    # Page size of a new spool file. SQLite writes each changed page to the
-    # WAL with two pwrite calls (frame header, page): 16 KiB pages hold a
-    # 5 KB body in its table leaf (no overflow page) and a 50 KB one in 4
-    # pages instead of 13.
-    PAGE_SIZE = 16384
-
-    # A group of only finishes/reschedules waits this long (s) for new mail
-    # to commit with. Under load new mail comes within a millisecond or two,
-    # so each commit writes the b-tree pages both touch (table and index
-    # leaves, the header page) once instead of twice, and there is one commit
-    # (one statement, one wake-up) fewer. The cost: a SIGKILL in the wait
-    # undoes those finishes, i.e. mail delivered in the last few ms is
-    # delivered again (at-least-once); nothing acknowledged is lost.
-    DEFER_NONDURABLE = 0.02
-    GROUP_MAX = 2000
-
     def _writer(self) -> None:
         db = self._db
         while True:
@@ -469,7 +469,7 @@ class Spool:
         # lose it (it is in the WAL, in the page cache), and the next
         # fsyncing commit syncs it too; only an OS crash in between can undo
         # it, which means redelivery (at-least-once), never loss.
-        durable = any(op.kind == "accept" for op in batch)
+        durable = self._has_accept(batch)
         if durable != self._synchronous_full:
             try:
                 db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")

@@ -269,17 +269,26 @@ def test_a_spool_from_before_spool_ops_gains_it_on_open(tmp_path):
 async def test_new_spool_files_get_16k_pages_and_old_ones_keep_theirs(tmp_path):
     """New files use Spool.PAGE_SIZE (fewer WAL frames per body, issue 5);
     a file created with SQLite's default 4 KiB pages keeps them and works."""
-    new = Spool(str(tmp_path / "new"))
-    new.open()
-    try:
-        body = b"x" * 50_000
-        [m] = await new.accept(Submission("s@a.test", ["x@b.test"], body))
-        assert new.body(m.batch_id) == body
-    finally:
-        new.close()
-    db = sqlite3.connect(new.path)
-    assert db.execute("PRAGMA page_size").fetchone()[0] == 16384
-    db.close()
+    body = b"x" * 50_000
+
+    async def store_and_inspect(base):
+        """Store one 50 KB message in the spool at ``base``; the file's page
+        size and message count afterwards."""
+        spool = Spool(str(base))
+        spool.open()
+        try:
+            [m] = await spool.accept(Submission("s@a.test", ["x@b.test"], body))
+            assert spool.body(m.batch_id) == body
+        finally:
+            spool.close()
+        db = sqlite3.connect(spool.path)
+        try:
+            return (db.execute("PRAGMA page_size").fetchone()[0],
+                    db.execute("SELECT count(*) FROM messages").fetchone()[0])
+        finally:
+            db.close()
+
+    assert (await store_and_inspect(tmp_path / "new"))[0] == 16384
 
     old_base = tmp_path / "old"
     old_base.mkdir()
@@ -287,14 +296,4 @@ async def test_new_spool_files_get_16k_pages_and_old_ones_keep_theirs(tmp_path):
     db.execute("PRAGMA page_size=4096")
     db.execute("PRAGMA journal_mode=WAL")
     db.close()
-    old = Spool(str(old_base))
-    old.open()
-    try:
-        [m] = await old.accept(Submission("s@a.test", ["x@b.test"], body))
-        assert old.body(m.batch_id) == body
-    finally:
-        old.close()
-    db = sqlite3.connect(old.path)
-    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
-    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
-    db.close()
+    assert await store_and_inspect(old_base) == (4096, 1)
