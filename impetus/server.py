@@ -16,6 +16,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+from . import cpu_policy
 from .dns import ResolvConfError, Resolver
 from .binding import BindingAssigner
 from .listener import Listener
@@ -40,6 +41,14 @@ def make_logs(config) -> Logs:
 class ReloadResult:
     ok: bool
     lines: list[str] = field(default_factory=list)
+
+
+def apply_cpu_policy(config, logs, who: str = "") -> None:
+    """Scheduling_Policy for this process (start and reload); a refusal is
+    logged, never fatal."""
+    why = cpu_policy.apply(config.lookup("Scheduling_Policy"))
+    if why:
+        logs.paniclog.panic(who + why)
 
 
 def _listen_addresses(listeners) -> list[str]:
@@ -83,6 +92,7 @@ class Server:
         self.reception_processes = reception_processes
         self.hostname = config.lookup("Hostname") or socket.gethostname()
         self.logs = make_logs(config)
+        apply_cpu_policy(config, self.logs)
         spoolbase = config.lookup("Spoolbase")
         self.spool = SpoolSet(spoolbase, own=0, shards=range(1, reception_processes + 1),
                               warn=self.logs.paniclog.panic)
@@ -248,6 +258,7 @@ class Server:
         self.config = new
         self.config_path = path
         self.assigner = assigner
+        apply_cpu_policy(new, self.logs)
         if self.scheduler is not None:
             self.scheduler.apply_config(new)
         by_address = {lc.address: lc for lc in new.listeners}
@@ -293,9 +304,11 @@ class ReceptionProcess:
 
     def __init__(self, config, shard: int, notify_path: str, config_path: str | None = None):
         self.config = config
+        self.shard = shard
         self.config_path = config_path
         self.hostname = config.lookup("Hostname") or socket.gethostname()
         self.logs = make_logs(config)
+        apply_cpu_policy(config, self.logs, f"reception process {shard}: ")
         self.spool = Spool(config.lookup("Spoolbase"), shard, warn=self.logs.paniclog.panic)
         self.notifier = ipc.Notifier(notify_path, shard, on_finish=self.spool.finish_items)
         self.assigner = BindingAssigner(config, self.logs.paniclog, config.lookup("Policy_Module"))
@@ -341,6 +354,7 @@ class ReceptionProcess:
             return
         self.config = new
         self.assigner = assigner
+        apply_cpu_policy(new, self.logs, f"reception process {self.shard}: ")
         by_address = {lc.address: lc for lc in new.listeners}
         for listener in self.listeners:
             lc = by_address.get(listener.lc.address)

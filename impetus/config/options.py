@@ -328,6 +328,12 @@ opt("Bounce_Suppress_List", V.STR, None, G, "Suppression list for inbound bounce
 
 # §10 queues, retries, bounces
 opt("Spoolbase", V.PATH, "/var/spool/impetus", G, "Spool directory.", supported=True)
+opt("Scheduling_Policy", V.Enum("batch", "normal"), "batch", G,
+    "Our extension: Linux CPU scheduling policy of every Impetus process. batch "
+    "(SCHED_BATCH): a woken thread waits for the running one instead of preempting it, "
+    "fewer context switches under load; normal (SCHED_OTHER): the system default. A "
+    "policy set from outside (chrt -f, SCHED_IDLE) is left alone. Applied at start and "
+    "on reload.", supported=True)
 opt("Delayed_Queue_Scan_Interval", V.DURATION, 15, G,
     "How often due delayed mail is moved to the active queue.", supported=False)
 opt("Reserve_Maintenance_Interval", V.DURATION, 15, G, "Reserve maintainer interval.", supported=False)
