@@ -6,6 +6,9 @@
 #   SIZE=51200 N=5000 bash bench/compare_postfix.sh      # 50 KB bodies
 #   RECEPTION_PROCESSES=1 bash bench/compare_postfix.sh  # impetus serve --reception-processes 1
 #   SHARED_COMPARE=1 bash bench/compare_postfix.sh       # also the shared harness's own compare
+#   POSTFIX_POLICY=batch bash bench/compare_postfix.sh   # Postfix under SCHED_BATCH too
+#     (Impetus runs under SCHED_BATCH by default, Scheduling_Policy; Postfix as
+#     shipped does not: this gives the like-for-like ratio)
 #
 # 1. Installs Postfix (and swaks, sysstat) and writes the private Postfix
 #    instance of the shared baseline (../shared/bench/postfix_baseline.sh
@@ -33,6 +36,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 export SHARED="${SHARED:-$ROOT/../shared/bench}"
 REPS=${REPS:-3} N=${N:-20000} SIZE=${SIZE:-5120} SESSIONS=${SESSIONS:-20}
 RP=${RECEPTION_PROCESSES:-0}
+POSTFIX_POLICY=${POSTFIX_POLICY:-normal}
 OUT=${OUT:-/tmp/impetus-compare}
 export WORK=${WORK:-/tmp/pfbench}
 mkdir -p "$OUT"
@@ -62,14 +66,15 @@ print(f"  {label:34} e2e {f('e2e_rate'):>6} msg/s  cpu {f('mta_cpu_ms_per_msg', 
       f"{'  (disturbed)' if r.get('disturbed') else ''}", flush=True)
 PY
 }
+PF=(--mta postfix --postfix-policy "$POSTFIX_POLICY")
 IMP=(--mta impetus)
 [ "$RP" != 0 ] && IMP+=(--reception-processes "$RP")
 for rep in $(seq 1 "$REPS"); do
   echo "=== $(date +%H:%M:%S) round $rep/$REPS"
   run "ceiling smtp-source -> smtp-sink" "$OUT/throughput.jsonl" --direct --loadgen smtp-source
-  run "postfix (smtp-source)" "$OUT/throughput.jsonl" --mta postfix --loadgen smtp-source
+  run "postfix (smtp-source)" "$OUT/throughput.jsonl" "${PF[@]}" --loadgen smtp-source
   run "impetus (smtp-source)" "$OUT/throughput.jsonl" "${IMP[@]}" --loadgen smtp-source
-  run "postfix (asyncio, latency)" "$OUT/latency.jsonl" --mta postfix --loadgen asyncio
+  run "postfix (asyncio, latency)" "$OUT/latency.jsonl" "${PF[@]}" --loadgen asyncio
   run "impetus (asyncio, latency)" "$OUT/latency.jsonl" "${IMP[@]}" --loadgen asyncio
 done
 fi   # SUMMARY_ONLY=1: only print the table from $OUT's files
@@ -107,6 +112,8 @@ for who in ("ceiling", "postfix", "impetus"):
         "lat_e2e": med(l, "e2e_rate"),
     }
 print(f"\n{n} messages x {size} B body, {sessions} sessions, 1 message per connection; medians over all successful runs")
+pf_policy = sorted({r.get("postfix_policy", "normal") for r in pick(tp + lat, "postfix")})
+print(f"Scheduling policy: Impetus batch (its default Scheduling_Policy), Postfix {'/'.join(pf_policy) or '-'}")
 print("| | runs (tput/lat) | end-to-end msg/s (smtp-source) | accepted msg/s | CPU ms/msg "
       "| latency p50 / p99 ms | end-to-end msg/s (asyncio client) | peak RSS MB |")
 print("|---|---|---|---|---|---|---|---|")

@@ -309,8 +309,10 @@ class PostfixUnderTest:
         self.port = port
         self.pid = None
 
-    def start(self):
+    def start(self, policy="normal"):
         self.pid = self.pf.start(self.port)
+        if policy == "batch":
+            batch_tree(self.pid)
         return self
 
     def poll(self):
@@ -323,6 +325,25 @@ class PostfixUnderTest:
         self.pf.stop()
         # leave the shared instance as postfix_baseline.sh wrote it
         subprocess.run(["postconf", "-c", self.conf, "-e", f"relayhost = {self.relayhost}"])
+
+
+def batch_tree(pid):
+    """``--postfix-policy batch``: put Postfix under the scheduling policy
+    Impetus uses by default (SCHED_BATCH), for a like-for-like comparison.
+    Every thread of the master and of its children now; daemons the master
+    forks later inherit it."""
+    pids = [pid] + [int(x) for x in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+    for p in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+            except OSError:
+                pass
 
 
 def port_answers(port, timeout=0.5):
@@ -653,8 +674,9 @@ def run(args):
             time.sleep(0.05)
         target = sink_port
         if postfix is not None:
-            mta = postfix.start()
+            mta = postfix.start(args.postfix_policy)
             res["mta_cmd"] = f"postfix -c {args.pf_conf} start (relayhost [127.0.0.1]:{sink_port})"
+            res["postfix_policy"] = args.postfix_policy
             target = mta_port
         elif not direct:
             mta_cmd = impetus_cmd("serve", "-c", conf,
@@ -982,6 +1004,9 @@ def main(argv=None):
                          "relayhost pointed at this run's sink")
     ap.add_argument("--pf-conf", default="/tmp/pfbench/etc", help="--mta postfix: config directory")
     ap.add_argument("--pf-port", type=int, default=12525, help="--mta postfix: its smtpd port")
+    ap.add_argument("--postfix-policy", choices=["normal", "batch"], default="normal",
+                    help="--mta postfix: CPU scheduling policy of its processes (batch: "
+                         "SCHED_BATCH, Impetus's default Scheduling_Policy)")
     ap.add_argument("--direct", action="store_true",
                     help="no MTA: load generator -> sink (the harness ceiling)")
     ap.add_argument("--reception-processes", type=int, default=0, metavar="N",
