@@ -30,6 +30,13 @@ def _constant(name: str) -> int | None:
     return getattr(os, name, None)
 
 
+def _name(policy: int) -> str:
+    for name in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR"):
+        if getattr(os, name, None) == policy:
+            return name
+    return f"policy {policy}"
+
+
 def _thread_ids() -> list[int]:
     try:
         return [int(t) for t in os.listdir("/proc/self/task")]
@@ -52,7 +59,7 @@ def apply(policy: str) -> str | None:
                 continue
             if now not in ours:
                 return (f"Scheduling_Policy {policy}: left unchanged, the process runs under "
-                        f"another policy ({now}) that whoever started it chose")
+                        f"another policy ({_name(now)}) that whoever started it chose")
             os.sched_setscheduler(tid, target, param)
         except ProcessLookupError:  # the thread ended meanwhile
             continue

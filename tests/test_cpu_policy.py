@@ -60,7 +60,7 @@ def test_apply_sets_every_thread_and_later_threads_inherit_it():
 def test_a_policy_chosen_from_outside_is_left_alone():
     out = probe("idle")
     assert out["before"] == [None, None]
-    assert "left unchanged" in out["apply_batch"] and "another policy" in out["apply_batch"]
+    assert "left unchanged" in out["apply_batch"] and "another policy (SCHED_IDLE)" in out["apply_batch"]
     assert out["raw"] == os.SCHED_IDLE
     assert out["after_batch"] == [None, None]
 
