@@ -67,8 +67,9 @@ class MTA:
 
     def __init__(self, workdir: Path, resolv_conf: str, body: str = "", *, port: int | None = None,
                  relay_hosts: str = '"127.0.0.0/8"', extra_global: str = "",
-                 serve_args: tuple[str, ...] = ()):
+                 serve_args: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()):
         self.workdir = Path(workdir)
+        self.wrapper = tuple(wrapper)  # e.g. ("chrt", "-i", "0"): execs serve, same pid
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.serve_args = tuple(serve_args)
         self.port = port or free_port()
@@ -103,7 +104,7 @@ ESMTP_Listener {{
     def start(self, timeout: float = 15.0) -> "MTA":
         out = open(self.output, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "impetus.cli", "serve", "-c", str(self.config_path),
+            [*self.wrapper, sys.executable, "-m", "impetus.cli", "serve", "-c", str(self.config_path),
              *self.serve_args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         out.close()

@@ -113,6 +113,22 @@ def test_normal_policy_and_a_reload_switching_it(tmp_path, dns_server):
                    what="every thread under SCHED_BATCH after the reload")
 
 
+@pytest.mark.integration
+def test_serve_started_under_another_policy_keeps_it_and_says_so(tmp_path, dns_server):
+    with MTA(tmp_path / "mta", dns_server.resolv_conf, wrapper=("chrt", "-i", "0"),
+             serve_args=("--reception-processes", "1")) as m:
+        wait_until(lambda: processes(m.proc.pid) == 2, what="the reception process")
+        m.send("a@src.test", ["x@example.test"])
+        seen = policies(m.proc.pid)
+        assert seen and set(seen.values()) == {None}, seen  # still SCHED_IDLE, not batch
+        assert os.sched_getscheduler(m.proc.pid) == os.SCHED_IDLE
+        wait_until(lambda: m.paniclog.path.read_text().count("another policy (SCHED_IDLE)") >= 2,
+                   what="the main and the reception process to say why")
+    text = m.paniclog.path.read_text()
+    assert "Scheduling_Policy batch: left unchanged" in text
+    assert "reception process 1: Scheduling_Policy batch: left unchanged" in text
+
+
 def test_config_rejects_an_unknown_policy(tmp_path):
     conf = tmp_path / "ecelerity.conf"
     conf.write_text('Spoolbase = "/tmp/x"\nScheduling_Policy = "fifo"\n')
