@@ -332,14 +332,9 @@ def batch_tree(pid):
     Impetus uses by default (SCHED_BATCH), for a like-for-like comparison.
     Every thread of the master and of its children now; daemons the master
     forks later inherit it."""
-    pids = [pid] + [int(x) for x in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                   text=True).stdout.split()]
-    for p in pids:
-        try:
-            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
-        except OSError:
-            continue
-        for tid in tids:
+    from impetus.cpu_policy import thread_ids  # REPO is on sys.path by now
+    for p in [pid] + descendants(pid):
+        for tid in thread_ids(p):
             try:
                 os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
             except OSError:

@@ -37,11 +37,13 @@ def _name(policy: int) -> str:
     return f"policy {policy}"
 
 
-def _thread_ids() -> list[int]:
+def thread_ids(pid: int | str = "self") -> list[int]:
+    """Thread ids of process *pid*, [] if it is gone. For this process
+    without /proc: [0], the calling thread (later threads inherit from it)."""
     try:
-        return [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:  # no /proc: the calling thread only (later threads inherit it)
-        return [0]
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [0] if pid == "self" else []
 
 
 def apply(policy: str) -> str | None:
@@ -52,7 +54,7 @@ def apply(policy: str) -> str | None:
         return f"Scheduling_Policy {policy}: not supported on this platform, left unchanged"
     ours = {c for c in (_constant(n) for n in POLICIES.values()) if c is not None}
     param = os.sched_param(0)
-    for tid in _thread_ids():
+    for tid in thread_ids():
         try:
             now = os.sched_getscheduler(tid)
             if now == target:

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from impetus import cpu_policy
-from tests.mta import MTA, wait_until
+from tests.mta import MTA, children_of, wait_until
 from tests.test_control_console import rewrite_config
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
@@ -67,15 +67,9 @@ def test_a_policy_chosen_from_outside_is_left_alone():
 
 def policies(pid: int) -> dict[int, str | None]:
     """Policy of every thread of *pid* and of its children's threads."""
-    pids = [pid] + [int(x) for x in subprocess.run(
-        ["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
     out = {}
-    for p in pids:
-        try:
-            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
-        except FileNotFoundError:
-            continue
-        for tid in tids:
+    for p in [pid] + children_of(pid):
+        for tid in cpu_policy.thread_ids(p):
             try:
                 out[tid] = cpu_policy.current(tid)
             except ProcessLookupError:
@@ -84,8 +78,7 @@ def policies(pid: int) -> dict[int, str | None]:
 
 
 def processes(pid: int) -> int:
-    return 1 + len(subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                  text=True).stdout.split())
+    return 1 + len(children_of(pid))
 
 
 @pytest.mark.integration

@@ -8,14 +8,9 @@ import time
 
 import pytest
 
-from tests.mta import MTA, wait_until
+from tests.mta import MTA, children_of, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
 
 
 def listening_sockets(port: int) -> int:
