@@ -195,6 +195,12 @@ class Spool:
     # delivered again (at-least-once); nothing acknowledged is lost.
     DEFER_NONDURABLE = 0.02
     GROUP_MAX = 2000
+    # Finishes and reschedules that a full disk refused are held and tried
+    # again this often (s) until they fit; whoever awaits them keeps waiting.
+    # Without this, mail delivered while the disk was full stayed queued in
+    # the file and went out again after the next restart. New mail is never
+    # held: its client gets 452 at once.
+    FULL_RETRY = 5.0
 
     def __init__(self, spoolbase: str, shard: int = 0, warn=None):
         self.warn = warn or log.warning  # the server points this at the paniclog
@@ -211,6 +217,8 @@ class Spool:
         self._synchronous_full = True  # the writer connection's PRAGMA synchronous
         self.commit_seconds = 0.0
         self.committed_ops = 0
+        self._held: list[_Op] = []     # writer thread only: refused by a full disk
+        self._held_reported = False
 
     # -- lifecycle -------------------------------------------------------
     def open(self) -> None:
@@ -411,17 +419,55 @@ class Spool:
     def _writer(self) -> None:
         db = self._db
         while True:
-            op = self._ops.get()
+            if self._held:
+                try:
+                    op = self._ops.get(timeout=self.FULL_RETRY)
+                except queue.Empty:
+                    op = None   # time to try the held ops again
+            else:
+                op = self._ops.get()
             if op is _STOP:
+                self._give_up_held(db)
                 return
-            batch = [op]
+            batch, self._held = self._held, []
+            if op is not None:
+                batch.append(op)
             # Drain whatever else is waiting: one commit (one fsync) for all.
             stop = self._drain(batch)
             if not stop and self.DEFER_NONDURABLE > 0 and not self._has_accept(batch):
                 stop = self._wait_for_accept(batch)
             self._commit(db, batch)
+            if self._held_reported and not self._held:
+                self._held_reported = False
+                self.warn(f"spool file {self.path}: the finished deliveries and retry times "
+                          "a full disk held back are recorded now")
             if stop:
+                self._give_up_held(db)
                 return
+
+    def _hold(self, ops: list[_Op], error: Exception) -> None:
+        """Keep non-durable ops a full disk refused, to try them again."""
+        self._held.extend(ops)
+        if not self._held_reported:
+            self._held_reported = True
+            n = sum(len(op.args) for op in self._held)
+            self.warn(f"spool file {self.path}: cannot record {n} finished deliveries or retry "
+                      f"times ({error}); trying again every {self.FULL_RETRY:g} s. Mail "
+                      "delivered meanwhile is delivered again if Impetus stops before they fit")
+
+    def _give_up_held(self, db: sqlite3.Connection) -> None:
+        """At stop: a last try for the held ops, then fail what is left."""
+        if not self._held:
+            return
+        batch, self._held = self._held, []
+        self._commit(db, batch)
+        left, self._held = self._held, []
+        if left:
+            n = sum(len(op.args) for op in left)
+            self.warn(f"spool file {self.path}: stopping with {n} finished deliveries or retry "
+                      "times unrecorded (disk full): that mail is delivered again after the "
+                      "restart")
+            self._resolve(left, SpoolError("spool write failed: disk full", disk_full=True))
 
     def _drain(self, batch: list) -> bool:
         """Move every queued op into ``batch``; True when told to stop."""
@@ -485,19 +531,37 @@ class Spool:
                 except sqlite3.Error:
                     pass
             error = exc
+        full = error is not None and _disk_full(error)
         if error is not None and len(batch) > 1:
-            # One bad op must not fail its neighbours: retry them one by one.
-            for op in batch:
-                self._commit(db, [op])
+            if full and durable:
+                # Each new message gets its own answer (most get 452); the
+                # finishes and reschedules may still fit without them.
+                rest = [op for op in batch if op.kind != "accept"]
+                for op in batch:
+                    if op.kind == "accept":
+                        self._commit(db, [op])
+                if rest:
+                    self._commit(db, rest)
+            elif full:
+                self._hold(batch, error)
+            else:
+                # One bad op must not fail its neighbours: retry them one by one.
+                for op in batch:
+                    self._commit(db, [op])
+            return
+        if full and not durable:
+            self._hold(batch, error)
             return
         self.commits += 1
         self.committed_ops += len(batch)
         self.commit_seconds += time.monotonic() - t0
         outcome = None
         if error is not None:
-            text = str(error)
-            full = "full" in text.lower() or "disk" in text.lower()
-            outcome = SpoolError(f"spool write failed: {text}", disk_full=full)
+            outcome = SpoolError(f"spool write failed: {error}", disk_full=full)
+        self._resolve(batch, outcome)
+
+    @staticmethod
+    def _resolve(batch: list[_Op], outcome: Exception | None) -> None:
         # One wake-up of each waiting event loop per commit, not one per op.
         by_loop: dict = {}
         for op in batch:
@@ -568,6 +632,12 @@ class Spool:
         """``rows`` in slices of at most ``most`` and ``ROWS_PER_STATEMENT``."""
         n = max(1, min(most, cls.ROWS_PER_STATEMENT))
         return [rows[i:i + n] for i in range(0, len(rows), n)]
+
+
+def _disk_full(error: Exception) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or an OS ENOSPC."""
+    text = str(error).lower()
+    return "full" in text or "disk" in text or "no space" in text
 
 
 def _resolve_all(futures, error: Exception | None) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from impetus.spool import Spool, Submission
+from impetus.spool import Spool, SpoolError, Submission
 from tests.mta import MTA, wait_until
 
 pytestmark = pytest.mark.integration
@@ -140,6 +140,82 @@ def queue_messages(tmp_path, dns_server, sink_port, n: int, prefix: str) -> MTA:
     assert m.stop(signal.SIGTERM) == 0
     dns_server.set_timeout("example.test", False)
     return m
+
+
+def fill_up(where: Path) -> list[Path]:
+    """Files that take every last block of the tmpfs."""
+    filler = fill(where, 0)
+    last = where / "filler2"
+    with open(last, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return [filler, last]
+
+
+async def test_finishes_a_full_disk_refused_are_recorded_once_there_is_room(small_tmpfs,
+                                                                           monkeypatch):
+    """The spool holds "done" records the disk had no room for and writes
+    them when it has: no restart needed, nothing delivered twice. New mail
+    is not held: its submitter hears of the full disk at once."""
+    monkeypatch.setattr(Spool, "FULL_RETRY", 0.1)
+    notes: list[str] = []
+    spool = Spool(str(small_tmpfs), warn=notes.append)
+    spool.open()
+    try:
+        msgs = []
+        for i in range(6):   # WAL frames that a "done" record must append to, not overwrite
+            msgs += await spool.accept(Submission("alice@src.test", ["bob@example.test"],
+                                                  message(f"held-{i}", 20000)))
+        fillers = fill_up(small_tmpfs)
+        finishing = asyncio.ensure_future(spool.finish(msgs))
+        deadline = time.monotonic() + 5
+        while not any("cannot record 6 finished deliveries" in n for n in notes):
+            assert time.monotonic() < deadline, notes
+            await asyncio.sleep(0.02)
+        assert not finishing.done()              # held, not failed
+        with pytest.raises(SpoolError) as exc:   # new mail: refused at once
+            await asyncio.wait_for(spool.accept(Submission(
+                "alice@src.test", ["bob@example.test"], message("new", 20000))), 5)
+        assert exc.value.disk_full
+        assert not finishing.done()
+        assert spool.count() == 6
+        for f in fillers:
+            f.unlink()
+        await asyncio.wait_for(finishing, 5)     # retried within FULL_RETRY
+        assert spool.count() == 0
+        deadline = time.monotonic() + 5          # the writer thread says so right after
+        while not any("recorded now" in n for n in notes):
+            assert time.monotonic() < deadline, notes
+            await asyncio.sleep(0.02)
+        assert len(notes) == 2, notes            # one report per full-disk episode
+    finally:
+        spool.close()
+
+
+async def test_finishes_still_held_at_stop_are_failed_and_logged(small_tmpfs, monkeypatch):
+    monkeypatch.setattr(Spool, "FULL_RETRY", 0.1)
+    notes: list[str] = []
+    spool = Spool(str(small_tmpfs), warn=notes.append)
+    spool.open()
+    try:
+        msgs = []
+        for i in range(6):
+            msgs += await spool.accept(Submission("alice@src.test", ["bob@example.test"],
+                                                  message(f"stop-{i}", 20000)))
+        fill_up(small_tmpfs)
+        finishing = asyncio.ensure_future(spool.finish(msgs))
+        deadline = time.monotonic() + 5
+        while not notes:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, spool.close)
+    with pytest.raises(SpoolError):
+        await asyncio.wait_for(finishing, 5)
+    assert "stopping with 6 finished deliveries or retry times unrecorded" in notes[-1]
 
 
 def write_shard(spoolbase: Path, shard: int, n: int, prefix: str) -> Path:
@@ -293,10 +369,10 @@ def test_missing_body_still_bounces(tmp_path, dns_server, smtp_sinks):
 def test_delivery_while_the_spool_is_full_loses_nothing(tmp_path, dns_server, smtp_sinks,
                                                         small_tmpfs):
     """Delivery resumes while the disk is still full: the spool may be unable
-    to record that messages are done (paniclog ``spool update failed``), nothing
-    crashes, and after space returns and a restart every acknowledged
-    message has been delivered at least once (copies delivered again after
-    the restart are the at-least-once price, counted here)."""
+    to record that messages are done (paniclog ``cannot record``), nothing
+    crashes, every acknowledged message is delivered, and once space returns
+    the held "done" records are written without a restart, so nothing is
+    delivered twice."""
     sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
     dns_server.set_timeout("example.test")
     m = mta(tmp_path, dns_server, sink.port)
@@ -319,28 +395,71 @@ def test_delivery_while_the_spool_is_full_loses_nothing(tmp_path, dns_server, sm
         wait_until(lambda: set(acked) <= set(delivered_ids(sink)), 20,
                    what="delivery while the spool is full")
         assert m.proc.poll() is None
-        # Whether the "done" records fit depends on the room the WAL file
-        # already has (a failed accept leaves its frames' space allocated):
-        # either they fail, and the paniclog says so, or they are on disk.
-        def recorded_or_reported():
-            if any("spool update failed" in ln for ln in m.paniclog.lines()):
-                return True
-            db = sqlite3.connect(f"file:{small_tmpfs / 'spool-00.db'}?mode=ro", uri=True)
-            try:
-                return db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
-            finally:
-                db.close()
-        wait_until(recorded_or_reported, 10, what="done records written or their failure logged")
         filler.unlink()
         (small_tmpfs / "filler2").unlink()
+
+        def queued() -> int:
+            db = sqlite3.connect(f"file:{small_tmpfs / 'spool-00.db'}?mode=ro", uri=True)
+            try:
+                return db.execute("SELECT count(*) FROM messages").fetchone()[0]
+            finally:
+                db.close()
+        # Whether the "done" records fitted at once depends on the room the
+        # WAL file already had; either way they are in the file soon after.
+        wait_until(lambda: queued() == 0, 15, what="the done records, once there is room")
+        held = any("cannot record" in ln for ln in m.paniclog.lines())
         assert m.stop(signal.SIGTERM) == 0
         m.start()
-        time.sleep(2.0)    # anything left in the spool is delivered again now
-        ids = delivered_ids(sink)
-        assert set(acked) <= set(ids)
-        print(f"disk full during delivery: {len(acked)} acked, {len(ids)} deliveries, "
-              f"{len(ids) - len(set(ids))} delivered again after the restart")
         assert send(m, "after")[0] == 250
         wait_until(lambda: "after" in delivered_ids(sink), 15, what="new mail after the restart")
+        ids = delivered_ids(sink)
+        print(f"disk full during delivery: {len(acked)} acked, {len(ids)} deliveries, "
+              f"done records held back: {held}")
+        assert set(acked) <= set(ids)
+        assert len(ids) == len(set(ids)), "delivered twice"
+    finally:
+        m.stop()
+
+
+def test_done_records_a_full_disk_held_back_are_written_when_room_returns(
+        tmp_path, dns_server, smtp_sinks, small_tmpfs):
+    """Mail queued before the disk filled up is delivered while it is full:
+    the spool cannot record that (paniclog ``cannot record``), holds the
+    "done" records, and writes them once there is room, without a restart:
+    after one, nothing is delivered twice."""
+    sink = smtp_sinks(("127.0.0.2", "127.0.0.3"))
+    dns_server.set_timeout("example.test")
+    m = mta(tmp_path, dns_server, sink.port)
+    try:
+        m.start()
+        acked = [f"held-{i}" for i in range(8)]
+        for tag in acked:
+            assert send(m, tag, 20 * 1024)[0] == 250
+        # A clean stop checkpoints the WAL away: after the restart every
+        # commit has to append to an empty WAL file, which a full disk refuses.
+        assert m.stop(signal.SIGTERM) == 0
+        fillers = [fill(small_tmpfs, 96 * 1024)]
+        m.start()
+        fillers += fill_up(small_tmpfs)[1:]
+        dns_server.set_timeout("example.test", False)
+        wait_until(lambda: set(acked) <= set(delivered_ids(sink)), 20,
+                   what="delivery while the spool is full")
+        wait_until(lambda: any("cannot record" in ln for ln in m.paniclog.lines()), 10,
+                   what="the paniclog line on held done records")
+        for f in fillers:
+            f.unlink()
+        wait_until(lambda: any("recorded now" in ln for ln in m.paniclog.lines()), 15,
+                   what="the held done records written")
+        db = sqlite3.connect(f"file:{small_tmpfs / 'spool-00.db'}?mode=ro", uri=True)
+        try:
+            assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+        finally:
+            db.close()
+        assert m.stop(signal.SIGTERM) == 0
+        m.start()
+        assert send(m, "after")[0] == 250
+        wait_until(lambda: "after" in delivered_ids(sink), 15, what="new mail after the restart")
+        ids = delivered_ids(sink)
+        assert sorted(ids) == sorted(acked + ["after"]), "delivered twice"
     finally:
         m.stop()
