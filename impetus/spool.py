@@ -635,7 +635,9 @@ class Spool:
 
 
 def _disk_full(error: Exception) -> bool:
-    """SQLite's SQLITE_FULL ("database or disk is full") or an OS ENOSPC."""
+    """SQLite's SQLITE_FULL ("database or disk is full"), its SQLITE_IOERR
+    ("disk I/O error", which some filesystems give when out of space) or an
+    OS ENOSPC: the errors worth a 452 and a later retry."""
     text = str(error).lower()
     return "full" in text or "disk" in text or "no space" in text
 
