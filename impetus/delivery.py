@@ -279,6 +279,19 @@ class Connection:
             if wire.waiter is fut:
                 wire.waiter = None
 
+    async def _woken_by(self, deadline: float, stage: int) -> None:
+        """The wire's next wake-up, or the stage's "no response" failure
+        once ``deadline`` (``time.monotonic``) has passed."""
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            try:
+                await self._wait(self.wire, remaining)
+                return
+            except asyncio.TimeoutError:
+                pass
+        self.broken = True
+        raise DeliveryError(no_response(stage), stage, True) from None
+
     async def _drain(self, timeout: float, stage: int) -> None:
         wire = self.wire
         if not wire.paused and not wire.closed:
@@ -287,15 +300,7 @@ class Connection:
             return
         deadline = time.monotonic() + timeout
         while wire.paused and not wire.closed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.broken = True
-                raise DeliveryError(no_response(stage), stage, True)
-            try:
-                await self._wait(wire, remaining)
-            except asyncio.TimeoutError:
-                self.broken = True
-                raise DeliveryError(no_response(stage), stage, True) from None
+            await self._woken_by(deadline, stage)
         if wire.closed:
             self.broken = True
             raise DeliveryError(CLOSED_BY_REMOTE, stage, True)
@@ -312,15 +317,7 @@ class Connection:
             if wire.closed:
                 self.broken = True
                 raise DeliveryError(CLOSED_BY_REMOTE, stage, True)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.broken = True
-                raise DeliveryError(no_response(stage), stage, True)
-            try:
-                await self._wait(wire, remaining)
-            except asyncio.TimeoutError:
-                self.broken = True
-                raise DeliveryError(no_response(stage), stage, True) from None
+            await self._woken_by(deadline, stage)
         return self._take(pending)
 
     def _take(self, pending: list[Reply]) -> Reply:

@@ -155,6 +155,27 @@ def fill_up(where: Path) -> list[Path]:
     return [filler, last]
 
 
+async def queued_spool(where: Path, tag: str, notes: list) -> tuple[Spool, list]:
+    """A spool with six 20 KB messages in its WAL: a "done" record has to
+    append WAL frames, not overwrite them."""
+    spool = Spool(str(where), warn=notes.append)
+    spool.open()
+    msgs = []
+    for i in range(6):
+        msgs += await spool.accept(Submission("alice@src.test", ["bob@example.test"],
+                                              message(f"{tag}-{i}", 20000)))
+    return spool, msgs
+
+
+async def noted(notes: list, text: str, timeout: float = 5.0) -> None:
+    """Poll until the spool's warnings include ``text`` (the writer thread
+    writes them)."""
+    deadline = time.monotonic() + timeout
+    while not any(text in n for n in notes):
+        assert time.monotonic() < deadline, notes
+        await asyncio.sleep(0.02)
+
+
 async def test_finishes_a_full_disk_refused_are_recorded_once_there_is_room(small_tmpfs,
                                                                            monkeypatch):
     """The spool holds "done" records the disk had no room for and writes
@@ -162,19 +183,11 @@ async def test_finishes_a_full_disk_refused_are_recorded_once_there_is_room(smal
     is not held: its submitter hears of the full disk at once."""
     monkeypatch.setattr(Spool, "FULL_RETRY", 0.1)
     notes: list[str] = []
-    spool = Spool(str(small_tmpfs), warn=notes.append)
-    spool.open()
+    spool, msgs = await queued_spool(small_tmpfs, "held", notes)
     try:
-        msgs = []
-        for i in range(6):   # WAL frames that a "done" record must append to, not overwrite
-            msgs += await spool.accept(Submission("alice@src.test", ["bob@example.test"],
-                                                  message(f"held-{i}", 20000)))
         fillers = fill_up(small_tmpfs)
         finishing = asyncio.ensure_future(spool.finish(msgs))
-        deadline = time.monotonic() + 5
-        while not any("cannot record 6 finished deliveries" in n for n in notes):
-            assert time.monotonic() < deadline, notes
-            await asyncio.sleep(0.02)
+        await noted(notes, "cannot record 6 finished deliveries")
         assert not finishing.done()              # held, not failed
         with pytest.raises(SpoolError) as exc:   # new mail: refused at once
             await asyncio.wait_for(spool.accept(Submission(
@@ -186,10 +199,7 @@ async def test_finishes_a_full_disk_refused_are_recorded_once_there_is_room(smal
             f.unlink()
         await asyncio.wait_for(finishing, 5)     # retried within FULL_RETRY
         assert spool.count() == 0
-        deadline = time.monotonic() + 5          # the writer thread says so right after
-        while not any("recorded now" in n for n in notes):
-            assert time.monotonic() < deadline, notes
-            await asyncio.sleep(0.02)
+        await noted(notes, "recorded now")       # the writer thread says so right after
         assert len(notes) == 2, notes            # one report per full-disk episode
     finally:
         spool.close()
@@ -198,19 +208,11 @@ async def test_finishes_a_full_disk_refused_are_recorded_once_there_is_room(smal
 async def test_finishes_still_held_at_stop_are_failed_and_logged(small_tmpfs, monkeypatch):
     monkeypatch.setattr(Spool, "FULL_RETRY", 0.1)
     notes: list[str] = []
-    spool = Spool(str(small_tmpfs), warn=notes.append)
-    spool.open()
+    spool, msgs = await queued_spool(small_tmpfs, "stop", notes)
     try:
-        msgs = []
-        for i in range(6):
-            msgs += await spool.accept(Submission("alice@src.test", ["bob@example.test"],
-                                                  message(f"stop-{i}", 20000)))
         fill_up(small_tmpfs)
         finishing = asyncio.ensure_future(spool.finish(msgs))
-        deadline = time.monotonic() + 5
-        while not notes:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await noted(notes, "cannot record 6 finished deliveries")
     finally:
         await asyncio.get_running_loop().run_in_executor(None, spool.close)
     with pytest.raises(SpoolError):
