@@ -632,10 +632,11 @@ class Scheduler:
             return await fut
         finally:
             timer.cancel()
-            try:
+            # Usually a new message took it off the deque already. Look
+            # before removing: deque.remove's "not in deque" error formats
+            # the future's repr, ~2 % of this process's CPU when it was caught.
+            if fut in q.idle:
                 q.idle.remove(fut)
-            except ValueError:
-                pass
 
     def _take_batch(self, q: DomainQueue, limit: int) -> list[QueuedMessage]:
         """Messages sharing one body, at most ``limit`` of them."""
