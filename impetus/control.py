@@ -305,7 +305,7 @@ class ControlServer:
         pending_user = None
         failures = 0
         from . import __version__
-        greeting = [f"auth: scrypt", f"nonce: {nonce}"] if need_auth else ["auth: none"]
+        greeting = ["auth: scrypt", f"nonce: {nonce}"] if need_auth else ["auth: none"]
         try:
             writer.write(encode_reply(True, f"impetus {__version__} control", greeting))
             await writer.drain()

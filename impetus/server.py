@@ -236,7 +236,7 @@ class Server:
             lines = [str(i) for i in exc.issues]
             n = len(lines)
             lines.append(f"{path}: {n} configuration error{'s' if n != 1 else ''}")
-            self.logs.paniclog.panic(f"config reload refused, running configuration kept: "
+            self.logs.paniclog.panic("config reload refused, running configuration kept: "
                                      + "; ".join(lines))
             return ReloadResult(False, lines)
         except (OSError, ValueError) as exc:

@@ -5,7 +5,6 @@ the recording sinks received and on the mainlog/bouncelog lines.
 """
 from __future__ import annotations
 
-import os
 import signal
 import smtplib
 import socket

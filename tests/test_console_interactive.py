@@ -2,7 +2,6 @@
 real terminal (tmux), typing keys and reading the screen (issue 7)."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from impetus.http_api import OPENAPI, openapi_text
-from tests.mta import MTA, free_port, split_at, wait_until
+from tests.mta import MTA, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import socket
 import socketserver
-import struct
 import threading
 import time
 from collections import Counter
