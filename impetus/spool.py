@@ -532,8 +532,11 @@ class Spool:
                     pass
             error = exc
         full = error is not None and _disk_full(error)
+        if full and not durable:
+            self._hold(batch, error)
+            return
         if error is not None and len(batch) > 1:
-            if full and durable:
+            if full:
                 # Each new message gets its own answer (most get 452); the
                 # finishes and reschedules may still fit without them.
                 rest = [op for op in batch if op.kind != "accept"]
@@ -542,15 +545,10 @@ class Spool:
                         self._commit(db, [op])
                 if rest:
                     self._commit(db, rest)
-            elif full:
-                self._hold(batch, error)
             else:
                 # One bad op must not fail its neighbours: retry them one by one.
                 for op in batch:
                     self._commit(db, [op])
-            return
-        if full and not durable:
-            self._hold(batch, error)
             return
         self.commits += 1
         self.committed_ops += len(batch)
@@ -635,11 +633,11 @@ class Spool:
 
 
 def _disk_full(error: Exception) -> bool:
-    """SQLite's SQLITE_FULL ("database or disk is full"), its SQLITE_IOERR
-    ("disk I/O error", which some filesystems give when out of space) or an
-    OS ENOSPC: the errors worth a 452 and a later retry."""
+    """SQLite's SQLITE_FULL ("database or disk is full") or SQLITE_IOERR
+    ("disk I/O error", which some filesystems give when out of space): the
+    errors worth a 452 and a later retry."""
     text = str(error).lower()
-    return "full" in text or "disk" in text or "no space" in text
+    return "full" in text or "disk" in text
 
 
 def _resolve_all(futures, error: Exception | None) -> None:
