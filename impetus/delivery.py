@@ -160,7 +160,7 @@ class _Wire(asyncio.Protocol):
     broken at once, before the scheduler hands it a batch.
     """
 
-    __slots__ = ("conn", "transport", "waiter", "closed", "paused", "lost_exc")
+    __slots__ = ("conn", "transport", "waiter", "closed", "paused")
 
     #: replies a peer may send ahead of our commands before we stop reading
     MAX_PENDING = 1000
@@ -171,7 +171,6 @@ class _Wire(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None   # a reply wait or a drain
         self.closed = False                         # EOF or connection lost
         self.paused = False                         # writing paused (buffer full)
-        self.lost_exc: BaseException | None = None
 
     def _wake(self) -> None:
         w = self.waiter
@@ -204,7 +203,6 @@ class _Wire(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.lost_exc = exc
         if self.conn.wire is self:
             self.conn.broken = True  # never reuse it (e.g. the peer closed an idle session)
         self._wake()
@@ -239,8 +237,7 @@ class Connection:
         self.source_ip = source_ip
         self.lmtp = lmtp or hop.proto == "lmtp"
         self.esmtp = esmtp and hop.proto != "smtp"
-        self.wire: _Wire | None = None
-        self.transport: asyncio.Transport | None = None
+        self.wire: _Wire | None = None  # the session's socket side; None when closed
         self.parser = ReplyParser()
         self.pending: list[Reply] = []
         self.extensions: dict[str, str] = {}
@@ -260,6 +257,12 @@ class Connection:
     def uses_xclient(self) -> bool:
         """Whether ``send`` speaks for the injecting client (XCLIENT)."""
         return self.xclient_mode in ("ifavailable", "required")
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The session's transport (TLS once STARTTLS is done), None when closed."""
+        wire = self.wire
+        return wire.transport if wire is not None else None
 
     # -- low level ---------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -322,8 +325,8 @@ class Connection:
 
     def _take(self, pending: list[Reply]) -> Reply:
         reply = pending.pop(0)
-        if len(pending) == _Wire.MAX_PENDING // 2 and self.wire.transport is not None:
-            self.wire.transport.resume_reading()
+        if len(pending) == _Wire.MAX_PENDING // 2 and self.transport is not None:
+            self.transport.resume_reading()
         return reply
 
     # -- session -----------------------------------------------------------
@@ -338,7 +341,7 @@ class Connection:
         """Forget a closed session so that the next ``_establish`` starts afresh."""
         if self.transport is not None:
             self.transport.close()
-        self.wire = self.transport = None
+        self.wire = None
         self.parser = ReplyParser()
         self.pending = []
         self.garbled = None
@@ -366,13 +369,15 @@ class Connection:
             return self.wire
 
         try:
-            self.transport, _ = await asyncio.wait_for(
+            await asyncio.wait_for(
                 loop.create_connection(wire, self.hop.ip, self.hop.port,
                                        family=family, local_addr=local),
                 self.timeouts.connect)
         except asyncio.TimeoutError:
+            self.wire = None   # asyncio closes a transport made before the timeout
             raise DeliveryError(CONNECT_TIMED_OUT, NOT_CONNECTED, False) from None
         except OSError as exc:
+            self.wire = None
             reason = exc.strerror or str(exc)
             raise DeliveryError(Reply(421, "4.4.0", f"[internal] connect to {self.hop.ip}:"
                                                     f"{self.hop.port} failed: {reason}"),
@@ -485,10 +490,9 @@ class Connection:
         sni = None if _is_ip(self.hop.host) else self.hop.host.rstrip(".")
         try:
             loop = asyncio.get_running_loop()
-            self.transport = await asyncio.wait_for(
+            self.wire.transport = await asyncio.wait_for(
                 loop.start_tls(self.transport, self.wire, ctx, server_hostname=sni,
                                ssl_handshake_timeout=t), t + 1)
-            self.wire.transport = self.transport  # reading is paused/resumed on the TLS layer
         except ssl.SSLCertVerificationError as exc:
             code = getattr(exc, "verify_code", None)
             reply = {_X509_EXPIRED: CERT_EXPIRED,
@@ -682,7 +686,7 @@ class Connection:
         self.broken = True
         if self.transport is not None:
             self.transport.close()
-            self.transport = None
+        self.wire = None
 
 
 def _is_ip(text: str) -> bool:
