@@ -5,6 +5,7 @@ the recording sinks received and on the mainlog/bouncelog lines.
 """
 from __future__ import annotations
 
+import asyncio
 import signal
 import smtplib
 import socket
@@ -36,6 +37,19 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.02,
+                what: str = "condition"):
+    """``wait_until`` for coroutines: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 class LogFile:

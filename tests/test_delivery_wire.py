@@ -7,6 +7,7 @@ import pytest
 from impetus.delivery import Connection, DeliveryError, Timeouts, _Wire
 from impetus.router import NextHop
 from impetus.smtp.client import CLOSED_BY_REMOTE, Stage
+from tests.mta import until
 
 pytestmark = pytest.mark.integration
 
@@ -17,14 +18,6 @@ def conn(port, timeout=5):
     return Connection(NextHop("mx1.example.test", "127.0.0.2", port, 10, "esmtp", "mx/a"),
                       Timeouts(connect=timeout, ehlo=timeout, mailfrom=timeout,
                                rcptto=timeout, body=timeout), "impetus.test")
-
-
-async def until(predicate, timeout=5.0):
-    """Poll ``predicate`` on the event loop until it holds (or fail)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def serve(session):
@@ -46,7 +39,7 @@ async def test_peer_closing_an_idle_session_marks_it_broken():
     try:
         c = conn(port)
         await c.open()
-        await until(lambda: c.broken)
+        await until(lambda: c.broken, 5, what="the session marked broken")
         # the server's last words are still there for whoever asks
         assert (await c._reply(1, Stage.IDLE)).code == 421
         with pytest.raises(DeliveryError) as exc:
@@ -73,7 +66,7 @@ async def test_a_flood_of_unsolicited_replies_is_bounded():
         c = conn(port)
         await c.open()
         transport = c.wire.transport
-        await until(lambda: not transport.is_reading())
+        await until(lambda: not transport.is_reading(), 5, what="reading paused")
         # at most one read's worth past the mark
         most = _Wire.MAX_PENDING + 262144 // len(b"250 ok\r\n")
         paused_at = len(c.pending)
@@ -83,8 +76,8 @@ async def test_a_flood_of_unsolicited_replies_is_bounded():
             assert len(c.pending) == paused_at
         while len(c.pending) > _Wire.MAX_PENDING // 2:
             assert (await c._reply(5, Stage.IDLE)).code == 250
-        await until(lambda: len(c.pending) > _Wire.MAX_PENDING // 2)   # reading again
-        await until(lambda: not transport.is_reading())
+        await until(lambda: len(c.pending) > _Wire.MAX_PENDING // 2, 5, what="reading again")
+        await until(lambda: not transport.is_reading(), 5, what="paused again")
         assert len(c.pending) <= most
         c.close()
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from impetus.spool import Spool, SpoolError, Submission
-from tests.mta import MTA, wait_until
+from tests.mta import MTA, until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -167,13 +167,10 @@ async def queued_spool(where: Path, tag: str, notes: list) -> tuple[Spool, list]
     return spool, msgs
 
 
-async def noted(notes: list, text: str, timeout: float = 5.0) -> None:
-    """Poll until the spool's warnings include ``text`` (the writer thread
-    writes them)."""
-    deadline = time.monotonic() + timeout
-    while not any(text in n for n in notes):
-        assert time.monotonic() < deadline, notes
-        await asyncio.sleep(0.02)
+def noted(notes: list, text: str):
+    """Wait (in the event loop) until the spool's warnings include ``text``;
+    its writer thread writes them."""
+    return until(lambda: any(text in n for n in notes), 5, what=repr(text))
 
 
 async def test_finishes_a_full_disk_refused_are_recorded_once_there_is_room(small_tmpfs,
