@@ -142,9 +142,8 @@ def queue_messages(tmp_path, dns_server, sink_port, n: int, prefix: str) -> MTA:
     return m
 
 
-def fill_up(where: Path) -> list[Path]:
-    """Files that take every last block of the tmpfs."""
-    filler = fill(where, 0)
+def take_the_rest(where: Path) -> Path:
+    """A second filler that takes every block the first one left."""
     last = where / "filler2"
     with open(last, "wb", buffering=0) as f:
         try:
@@ -152,7 +151,12 @@ def fill_up(where: Path) -> list[Path]:
                 f.write(b"\0" * 4096)
         except OSError:
             pass
-    return [filler, last]
+    return last
+
+
+def fill_up(where: Path) -> list[Path]:
+    """Files that take every last block of the tmpfs."""
+    return [fill(where, 0), take_the_rest(where)]
 
 
 async def queued_spool(where: Path, tag: str, notes: list) -> tuple[Spool, list]:
@@ -384,18 +388,13 @@ def test_delivery_while_the_spool_is_full_loses_nothing(tmp_path, dns_server, sm
                 break
             acked.append(f"df-{i}")
         assert acked and len(acked) < 40
-        with open(small_tmpfs / "filler2", "wb", buffering=0) as f:   # every last block
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
+        last = take_the_rest(small_tmpfs)
         dns_server.set_timeout("example.test", False)
         wait_until(lambda: set(acked) <= set(delivered_ids(sink)), 20,
                    what="delivery while the spool is full")
         assert m.proc.poll() is None
         filler.unlink()
-        (small_tmpfs / "filler2").unlink()
+        last.unlink()
 
         def queued() -> int:
             db = sqlite3.connect(f"file:{small_tmpfs / 'spool-00.db'}?mode=ro", uri=True)
@@ -439,7 +438,7 @@ def test_done_records_a_full_disk_held_back_are_written_when_room_returns(
         assert m.stop(signal.SIGTERM) == 0
         fillers = [fill(small_tmpfs, 96 * 1024)]
         m.start()
-        fillers += fill_up(small_tmpfs)[1:]
+        fillers.append(take_the_rest(small_tmpfs))
         dns_server.set_timeout("example.test", False)
         wait_until(lambda: set(acked) <= set(delivered_ids(sink)), 20,
                    what="delivery while the spool is full")
