@@ -1,4 +1,6 @@
-"""The Linux CPU scheduling policy of Impetus's processes (``Scheduling_Policy``).
+"""How Impetus's processes use the CPUs: their Linux scheduling policy
+(``Scheduling_Policy``) and which cores reception processes run on
+(``CPU_Affinity``).
 
 An MTA is a throughput workload: no one waits on a single reply from it the
 way a user waits on a keystroke. sched(7) made ``SCHED_BATCH`` for such work:
@@ -14,6 +16,17 @@ how much of it.
 The policy is per thread on Linux, so :func:`apply` sets every thread that
 exists; threads and child processes started later inherit it. A policy the
 operator chose (``chrt -f``, ``SCHED_IDLE``...) is left alone.
+
+Affinity: with ``--reception-processes N`` reception process k and all its
+threads are bound to one core, the k-th of those the server may use (round
+robin), as nginx's ``worker_cpu_affinity auto``. Its event loop and its spool
+writer thread wake each other several times per message; on one core such a
+wake-up is a local run-queue insert, across cores it is an inter-processor
+interrupt, which a virtual machine pays for with an exit to the hypervisor. A
+process that stays on its core also keeps its caches warm. The main process
+(scheduler and delivery) stays free to run wherever there is room. Measured
+on 2 vCPUs (bench/RESULTS.md): ≈ 12 % more messages per second and ≈ 8 %
+less CPU per message.
 """
 
 from __future__ import annotations
@@ -77,4 +90,37 @@ def current(tid: int = 0) -> str | None:
     for value, name in POLICIES.items():
         if _constant(name) == now:
             return value
+    return None
+
+
+def allowed_cpus() -> list[int]:
+    """The cores this process may run on (its affinity mask, which a
+    cgroup cpuset or ``taskset`` may have narrowed), sorted; [] where the
+    platform has no affinity calls."""
+    if not hasattr(os, "sched_getaffinity"):
+        return []
+    return sorted(os.sched_getaffinity(0))
+
+
+def reception_cpus(mode: str, shard: int, allowed: list[int]) -> list[int]:
+    """The cores reception process *shard* (1..N) should run on under
+    ``CPU_Affinity`` *mode*: one core, round robin over *allowed*, for
+    ``auto``; all of *allowed* for ``off``."""
+    if mode == "auto" and allowed:
+        return [allowed[(shard - 1) % len(allowed)]]
+    return list(allowed)
+
+
+def pin(cpus: list[int]) -> str | None:
+    """Bind every thread of this process to *cpus* (threads started later
+    inherit the mask); return why it was not done, or None."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return None
+    for tid in thread_ids():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+        except OSError as exc:
+            return f"CPU_Affinity: sched_setaffinity({cpus}) failed: {exc.strerror}"
     return None

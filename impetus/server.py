@@ -309,6 +309,11 @@ class ReceptionProcess:
         self.hostname = config.lookup("Hostname") or socket.gethostname()
         self.logs = make_logs(config)
         apply_cpu_policy(config, self.logs, f"reception process {shard}: ")
+        # Before any thread starts (the spool writer inherits the mask). The
+        # mask we were started with (the main process's, never narrowed by
+        # us) is what CPU_Affinity = "off" gives back on a reload.
+        self.allowed_cpus = cpu_policy.allowed_cpus()
+        self._apply_affinity(config)
         self.spool = Spool(config.lookup("Spoolbase"), shard, warn=self.logs.paniclog.panic)
         self.notifier = ipc.Notifier(notify_path, shard, on_finish=self.spool.finish_items)
         self.assigner = BindingAssigner(config, self.logs.paniclog, config.lookup("Policy_Module"))
@@ -340,6 +345,15 @@ class ReceptionProcess:
         self.logs.close()
         return 0
 
+    def _apply_affinity(self, config) -> None:
+        """CPU_Affinity for this process (start and reload); a refusal is
+        logged, never fatal."""
+        cpus = cpu_policy.reception_cpus(config.lookup("CPU_Affinity"), self.shard,
+                                         self.allowed_cpus)
+        why = cpu_policy.pin(cpus)
+        if why:
+            self.logs.paniclog.panic(f"reception process {self.shard}: {why}")
+
     def _reload(self) -> None:
         """SIGHUP from the main process after its ``config reload``: the
         listeners' relay policy and settings follow the new file."""
@@ -355,6 +369,7 @@ class ReceptionProcess:
         self.config = new
         self.assigner = assigner
         apply_cpu_policy(new, self.logs, f"reception process {self.shard}: ")
+        self._apply_affinity(new)
         by_address = {lc.address: lc for lc in new.listeners}
         for listener in self.listeners:
             lc = by_address.get(listener.lc.address)

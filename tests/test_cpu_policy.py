@@ -130,3 +130,131 @@ def test_config_rejects_an_unknown_policy(tmp_path):
     assert done.returncode != 0
     err = done.stdout + done.stderr
     assert f"{conf}:2:" in err and "Scheduling_Policy" in err and "batch" in err, err
+
+
+# -- CPU_Affinity ------------------------------------------------------------
+
+def test_reception_cpus_round_robin_over_the_allowed_cores():
+    assert cpu_policy.reception_cpus("auto", 1, [0, 1]) == [0]
+    assert cpu_policy.reception_cpus("auto", 2, [0, 1]) == [1]
+    assert cpu_policy.reception_cpus("auto", 3, [0, 1]) == [0]
+    # a cpuset that left cores 2, 5 and 7: those, in order
+    assert [cpu_policy.reception_cpus("auto", k, [2, 5, 7])[0] for k in (1, 2, 3, 4)] == [2, 5, 7, 2]
+    assert cpu_policy.reception_cpus("off", 2, [0, 1]) == [0, 1]
+    assert cpu_policy.reception_cpus("auto", 1, []) == []
+
+
+PIN_PROBE = r"""
+import json, os, sys, threading
+from impetus import cpu_policy
+cpu = int(sys.argv[1])
+release = threading.Event()
+early = threading.Thread(target=release.wait)
+early.start()
+out = {"pin": cpu_policy.pin([cpu]),
+       "main": sorted(os.sched_getaffinity(0)),
+       "early": sorted(os.sched_getaffinity(early.native_id))}
+late = threading.Thread(target=lambda: out.__setitem__("late", sorted(os.sched_getaffinity(0))))
+late.start(); late.join()
+out["bad"] = cpu_policy.pin([4096])  # no such core
+release.set(); early.join()
+print(json.dumps(out))
+"""
+
+
+def two_cores() -> list[int]:
+    allowed = cpu_policy.allowed_cpus()
+    if len(allowed) < 2:
+        pytest.skip("binding to one core is only observable with two or more cores")
+    return allowed
+
+
+def test_pin_binds_every_thread_and_later_threads_inherit_it():
+    last = two_cores()[-1]
+    done = subprocess.run([sys.executable, "-c", PIN_PROBE, str(last)], capture_output=True,
+                          text=True, timeout=30, check=True)
+    out = json.loads(done.stdout)
+    assert out["pin"] is None
+    assert out["main"] == out["early"] == out["late"] == [last]
+    assert "CPU_Affinity: sched_setaffinity([4096]) failed" in out["bad"]
+
+
+def affinities(pid: int) -> dict[int, list[list[int]]]:
+    """Shard (0: the main process) -> the affinity mask of each of its threads."""
+    out = {}
+    for p in [pid] + children_of(pid):
+        try:
+            argv = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        shard = int(argv[argv.index(b"--shard") + 1]) if b"--shard" in argv else 0
+        masks = []
+        for tid in cpu_policy.thread_ids(p):
+            try:
+                masks.append(sorted(os.sched_getaffinity(tid)))
+            except ProcessLookupError:
+                pass
+        out[shard] = masks
+    return out
+
+
+def receiving(m: MTA, n: int) -> None:
+    """Wait for *n* reception processes, each up to its spool writer thread
+    (started after the mask is set, so a mask seen then is the one it keeps)."""
+    def up():
+        seen = affinities(m.proc.pid)
+        return sorted(seen) == list(range(n + 1)) and all(len(seen[k]) >= 2 for k in seen)
+    wait_until(up, 20, what=f"{n} reception processes")
+
+
+@pytest.mark.integration
+def test_each_reception_process_runs_on_its_own_core_by_default(tmp_path, dns_server):
+    allowed = two_cores()
+    with MTA(tmp_path / "mta", dns_server.resolv_conf,
+             serve_args=("--reception-processes", "3")) as m:
+        receiving(m, 3)
+        m.send("a@src.test", ["x@example.test"])
+        seen = affinities(m.proc.pid)
+        for shard in (1, 2, 3):
+            core = allowed[(shard - 1) % len(allowed)]
+            assert all(mask == [core] for mask in seen[shard]), seen
+        assert all(mask == allowed for mask in seen[0]), seen  # the scheduler is not bound
+    assert "CPU_Affinity" not in m.paniclog.path.read_text()
+
+
+@pytest.mark.integration
+def test_affinity_off_and_a_reload_switching_it_on_and_off_again(tmp_path, dns_server):
+    allowed = two_cores()
+    with MTA(tmp_path / "mta", dns_server.resolv_conf, extra_global='CPU_Affinity = "off"',
+             serve_args=("--reception-processes", "2")) as m:
+        receiving(m, 2)
+        m.send("a@src.test", ["x@example.test"])
+        assert all(mask == allowed for masks in affinities(m.proc.pid).values() for mask in masks)
+
+        def bound() -> bool:
+            seen = affinities(m.proc.pid)
+            return (all(mask == [allowed[0]] for mask in seen.get(1, [None])) and
+                    all(mask == [allowed[1]] for mask in seen.get(2, [None])))
+
+        rewrite_config(m, 'CPU_Affinity = "off"', 'CPU_Affinity = "auto"')
+        m.proc.send_signal(signal.SIGHUP)
+        wait_until(bound, 15, what="each reception process bound to its core after the reload")
+        rewrite_config(m, 'CPU_Affinity = "auto"', 'CPU_Affinity = "off"')
+        m.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: all(mask == allowed for masks in affinities(m.proc.pid).values()
+                               for mask in masks), 15,
+                   what="every thread free to use every core again")
+
+
+@pytest.mark.integration
+def test_a_core_set_narrowed_from_outside_is_respected(tmp_path, dns_server):
+    allowed = two_cores()
+    outside = allowed[-1:]  # taskset gave the server one core: everything stays on it
+    with MTA(tmp_path / "mta", dns_server.resolv_conf,
+             wrapper=("taskset", "-c", str(outside[0])),
+             serve_args=("--reception-processes", "2")) as m:
+        receiving(m, 2)
+        m.send("a@src.test", ["x@example.test"])
+        seen = affinities(m.proc.pid)
+        assert all(mask == outside for masks in seen.values() for mask in masks), seen
+    assert "CPU_Affinity" not in m.paniclog.path.read_text()
