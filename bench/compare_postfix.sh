@@ -6,6 +6,7 @@
 #   SIZE=51200 N=5000 bash bench/compare_postfix.sh      # 50 KB bodies
 #   RECEPTION_PROCESSES=1 bash bench/compare_postfix.sh  # impetus serve --reception-processes 1
 #   SHARED_COMPARE=1 bash bench/compare_postfix.sh       # also the shared harness's own compare
+#   PACE=0 bash bench/compare_postfix.sh                 # skip the paced latency runs (d.)
 #   POSTFIX_POLICY=batch bash bench/compare_postfix.sh   # Postfix under SCHED_BATCH too
 #     (Impetus runs under SCHED_BATCH by default, Scheduling_Policy; Postfix as
 #     shipped does not: this gives the like-for-like ratio)
@@ -22,7 +23,11 @@
 #         the relay target: throughput and CPU per message;
 #      c. Postfix and Impetus again with relay_bench's asyncio client (same
 #         pattern: 1 message per connection, nothing pipelined): the
-#         injection latency (end of DATA to 250) percentiles.
+#         injection latency (end of DATA to 250) percentiles at saturation;
+#      d. Impetus once more with the asyncio client paced at PACE times the
+#         rate Postfix reached in this round's step b (PACE: 3 for bodies up
+#         to 10 KB, else 2: the issue's throughput targets), i.e. the
+#         latency "at that load" rather than at the machine's limit.
 #    Impetus's config is the equivalent relay config: listener on
 #    127.0.0.1, Relay_Hosts 127.0.0.0/8, Gateway = the sink, spool fsync
 #    before 250 (Postfix: relayhost = the sink, mynetworks 127.0.0.0/8).
@@ -37,11 +42,12 @@ export SHARED="${SHARED:-$ROOT/../shared/bench}"
 REPS=${REPS:-3} N=${N:-20000} SIZE=${SIZE:-5120} SESSIONS=${SESSIONS:-20}
 RP=${RECEPTION_PROCESSES:-0}
 POSTFIX_POLICY=${POSTFIX_POLICY:-normal}
+if [ "$SIZE" -le 10240 ]; then PACE=${PACE:-3}; else PACE=${PACE:-2}; fi
 OUT=${OUT:-/tmp/impetus-compare}
 export WORK=${WORK:-/tmp/pfbench}
 mkdir -p "$OUT"
 if [ "${SUMMARY_ONLY:-0}" != 1 ]; then
-rm -f "$OUT/throughput.jsonl" "$OUT/latency.jsonl"
+rm -f "$OUT/throughput.jsonl" "$OUT/latency.jsonl" "$OUT/paced.jsonl"
 
 bash "$SHARED/postfix_baseline.sh" setup
 
@@ -76,14 +82,25 @@ for rep in $(seq 1 "$REPS"); do
   run "impetus (smtp-source)" "$OUT/throughput.jsonl" "${IMP[@]}" --loadgen smtp-source
   run "postfix (asyncio, latency)" "$OUT/latency.jsonl" "${PF[@]}" --loadgen asyncio
   run "impetus (asyncio, latency)" "$OUT/latency.jsonl" "${IMP[@]}" --loadgen asyncio
+  if [ "$PACE" != 0 ]; then
+    # this round's Postfix rate (its last smtp-source run) times PACE
+    rate=$(python3 -c 'import json,sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+pf = [r for r in rows if r.get("mta") == "postfix" and r.get("ok")]
+print(round(pf[-1]["e2e_rate"] * float(sys.argv[2])) if pf else 0)' "$OUT/throughput.jsonl" "$PACE")
+    [ "$rate" != 0 ] && run "impetus (asyncio @ ${PACE}x pf: $rate/s)" "$OUT/paced.jsonl" \
+      "${IMP[@]}" --loadgen asyncio --rate "$rate"
+  fi
 done
 fi   # SUMMARY_ONLY=1: only print the table from $OUT's files
 
-python3 - "$OUT/throughput.jsonl" "$OUT/latency.jsonl" "$N" "$SIZE" "$SESSIONS" <<'PY'
+touch "$OUT/paced.jsonl"
+python3 - "$OUT/throughput.jsonl" "$OUT/latency.jsonl" "$N" "$SIZE" "$SESSIONS" "$OUT/paced.jsonl" <<'PY'
 import json, statistics, sys
 tp = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 lat = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 n, size, sessions = sys.argv[3:6]
+paced = [json.loads(l) for l in open(sys.argv[6]) if l.strip()]
 
 def pick(rows, who):
     # Every successful run counts. "disturbed" (other CPU > 5 % of the
@@ -128,6 +145,13 @@ def ratio(a, b, p=2):
 print(f"| **Impetus / Postfix** | | **{ratio(i['e2e'], p['e2e'])}x** | {ratio(i['acc'], p['acc'])}x "
       f"| {ratio(i['cpu'], p['cpu'])}x | {ratio(i['p50'], p['p50'])}x / {ratio(i['p99'], p['p99'])}x "
       f"| {ratio(i['lat_e2e'], p['lat_e2e'])}x | {ratio(i['rss'], p['rss'])}x |")
+pr = pick(paced, "impetus")
+if pr:
+    print(f"\nImpetus paced at {'/'.join(sorted({str(round(r['rate'])) for r in pr}))} msg/s "
+          f"(the asyncio client; PACE x each round's Postfix rate), {len(pr)} runs "
+          f"({sum(1 for r in pr if r.get('disturbed'))} flagged): reached {cell(med(pr, 'e2e_rate'))} msg/s, "
+          f"latency p50 / p99 {cell(med(pr, 'lat_p50_ms'), 1)} / {cell(med(pr, 'lat_p99_ms'), 1)} ms "
+          f"(per run p99: {', '.join(cell(r.get('lat_p99_ms'), 1) for r in pr)})")
 print("\nCPU: the MTA's whole process tree (Postfix: master + every daemon, exited ones included); "
       "ceiling row: smtp-sink's. Peak RSS: sum of VmHWM over the tree's live processes at the end "
       "(shared pages counted once per process, which favours a single process).")

@@ -463,8 +463,12 @@ class Client(asyncio.Protocol):
 
 
 class LoadGen:
-    def __init__(self, port, n, size, conc, counter, timeout):
+    def __init__(self, port, n, size, conc, counter, timeout, rate=0.0):
         self.port, self.n, self.conc = port, n, conc
+        # rate > 0: paced (open loop up to conc sessions): message k starts
+        # its connection no earlier than k / rate seconds after the start, so
+        # latency is measured at a chosen load instead of at saturation.
+        self.rate = rate
         self.counter = counter
         self.timeout = timeout
         self.prefix, self.suffix = build_message(size)
@@ -485,6 +489,10 @@ class LoadGen:
         while self.next < self.n:
             num = self.next
             self.next += 1
+            if self.rate:
+                due = self.t0 + num / self.rate - time.perf_counter()
+                if due > 0:
+                    await asyncio.sleep(due)
             done = loop.create_future()
             try:
                 await loop.create_connection(lambda: Client(self, num, done), "127.0.0.1", self.port)
@@ -516,8 +524,8 @@ class LoadGen:
                 t.cancel()
 
 
-def run_load(port, n, size, conc, counter, timeout):
-    gen = LoadGen(port, n, size, conc, counter, timeout)
+def run_load(port, n, size, conc, counter, timeout, rate=0.0):
+    gen = LoadGen(port, n, size, conc, counter, timeout, rate)
     factory = None
     try:
         import uvloop
@@ -616,7 +624,7 @@ def run(args):
     direct = args.direct
     res = {"n": args.n, "size": args.size, "concurrency": args.concurrency, "sink": args.sink,
            "route": "direct" if direct else ("relayhost" if args.mta == "postfix" else args.route),
-           "loadgen": args.loadgen,
+           "loadgen": args.loadgen, "rate": args.rate,
            "max_outbound": args.max_outbound, "ok": False,
            "mta": None if args.direct else args.mta,
            "reception_processes": args.reception_processes,
@@ -715,7 +723,8 @@ def run(args):
             gen.run()
             res["uvloop"] = None
         else:
-            gen, res["uvloop"] = run_load(target, args.n, args.size, args.concurrency, counter, budget)
+            gen, res["uvloop"] = run_load(target, args.n, args.size, args.concurrency, counter, budget,
+                                          args.rate)
         busy1, tot1 = sys_cpu()
         self1 = os.times()
         mta1 = tree_ticks(mta.pid) if mta else None
@@ -878,7 +887,9 @@ def table(r):
         ("messages", fmt(r["n"])),
         ("body size (B) / message bytes sent", f"{r['size']} / {r.get('message_bytes', '-')}"),
         ("concurrency (1 msg/conn)", str(r["concurrency"])),
-        ("load generator / sink / route", f"{r.get('loadgen', 'asyncio')} / {r['sink']} / {r['route']}"),
+        ("load generator / sink / route", f"{r.get('loadgen', 'asyncio')}"
+                                          f"{' paced at %g msg/s' % r['rate'] if r.get('rate') else ''}"
+                                          f" / {r['sink']} / {r['route']}"),
         ("accepted msgs/s (N / time to last 250)", fmt(r.get("accept_rate"), 0)),
         ("end-to-end msgs/s (N / time to sink count N)", fmt(r.get("e2e_rate"), 0)),
         ("injection latency p50 / p90 / p99 / max (ms)",
@@ -943,7 +954,7 @@ def summarize(rows, include_disturbed=False):
     groups = {}
     for r in rows:
         key = (r["n"], r["size"], r["concurrency"], r.get("loadgen", "asyncio"), r["route"], r["sink"],
-               r.get("mta") or "impetus", r.get("reception_processes") or 0)
+               r.get("mta") or "impetus", r.get("reception_processes") or 0, r.get("rate") or 0)
         groups.setdefault(key, []).append(r)
 
     def mm(vals, prec):
@@ -964,7 +975,8 @@ def summarize(rows, include_disturbed=False):
         mta = "(no MTA)" if key[4] == "direct" else (
             "postfix" if key[6] == "postfix" else
             f"impetus/{key[4]}" + (f" rp={key[7]}" if key[7] else ""))
-        path = f"{key[3]} → {mta} → {key[5]}"
+        load = key[3] + (f" @{key[8]:g}/s" if key[8] else "")
+        path = f"{load} → {mta} → {key[5]}"
         cells = [str(key[0]), str(key[1]), str(key[2]), path, f"{len(used)}{star}/{len(ok)}/{len(rs)}"]
         cells += [mm([r[f] for r in used if r.get(f) is not None], p) for _, f, p in SUMMARY_FIELDS]
         out.append("| " + " | ".join(cells) + " |")
@@ -993,6 +1005,10 @@ def main(argv=None):
     ap.add_argument("--loadgen", choices=["asyncio", "smtp-source"], default="asyncio",
                     help="asyncio (default): this script's client, with latencies; "
                          "smtp-source: Postfix's, as in the Postfix baseline (no latencies)")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="--loadgen asyncio: start at most this many messages per second "
+                         "(paced; latency at a chosen load, e.g. 2x Postfix's rate); "
+                         "default 0: as fast as the sessions go")
     ap.add_argument("--mta", choices=["impetus", "postfix"], default="impetus",
                     help="the MTA under test; postfix: the private instance of "
                          "../shared/bench/postfix_baseline.sh (run its 'setup' first), "
@@ -1041,6 +1057,8 @@ def main(argv=None):
         return 0
     if args.n <= 0 or args.concurrency <= 0 or args.size < 0:
         ap.error("-n and -c must be positive, -s non-negative")
+    if args.rate < 0 or (args.rate and args.loadgen != "asyncio"):
+        ap.error("--rate must be positive and needs --loadgen asyncio")
     if args.sink == "smtp-sink" and not os.access(SMTP_SINK, os.X_OK):
         ap.error(f"{SMTP_SINK} not found")
     snapdir = None
