@@ -339,9 +339,7 @@ class Connection:
 
     def _reset(self) -> None:
         """Forget a closed session so that the next ``_establish`` starts afresh."""
-        if self.transport is not None:
-            self.transport.close()
-        self.wire = None
+        self.close()
         self.parser = ReplyParser()
         self.pending = []
         self.garbled = None
@@ -657,17 +655,6 @@ class Connection:
         self.rcpts_sent += len(rcpts)
         self.deliveries += len(tx.delivered)
         return [RcptResult(o.reply, int(o.stage)) for o in tx.outcomes]
-
-    async def _rset_quietly(self) -> None:
-        """RSET so the session can carry the next batch (spec §10.2)."""
-        try:
-            self._write(b"RSET\r\n")
-            await self._drain(self.timeouts.rset, Stage.RSET)
-            reply = await self._reply(self.timeouts.rset, Stage.RSET)
-            if reply.code != 250:
-                self.broken = True
-        except DeliveryError:
-            self.broken = True
 
     async def quit(self) -> None:
         if self.transport is None:
