@@ -96,13 +96,6 @@ def thread_ticks(root):
     return out
 
 
-def smtp_source(port, n, size, conc):
-    return subprocess.Popen([rb.SMTP_SOURCE, "-s", str(conc), "-m", str(n), "-l", str(size),
-                             "-M", f"source.{rb.DOMAIN}", "-f", rb.SENDER, "-t", rb.RCPT,
-                             f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 def wait_answer(proc, port, what, limit=30.0):
     end = time.monotonic() + limit
     while not rb.port_answers(port):
@@ -131,6 +124,7 @@ def run_one(kind, args, work):
     with open(os.path.join(work, f"{kind}.out"), "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=rb.CODE["dir"], start_new_session=True)
+    lg = None
     try:
         wait_answer(proc, port, kind)
         time.sleep(0.5)
@@ -139,19 +133,22 @@ def run_one(kind, args, work):
         s0 = rb.tree_ticks(sink.proc.pid) if sink else 0
         c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
-        lg = smtp_source(port, args.n, args.size, args.concurrency)
-        if sink:
-            while sink.count() - base < args.n and time.monotonic() - start < args.timeout:
-                time.sleep(0.02)
-            lg.wait(args.timeout)
-        else:
-            lg.wait(args.timeout)
+        # relay_bench's smtp-source command line: the load of the Postfix comparison
+        lg = subprocess.Popen(rb.SmtpSourceLoad(port, args.n, args.size, args.concurrency, None,
+                                                args.timeout, work).cmd,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while sink and sink.count() - base < args.n and time.monotonic() - start < args.timeout:
+            time.sleep(0.02)   # end to end: until smtp-sink counted them all
+        lg.wait(args.timeout)
         secs = time.monotonic() - start
         t1, m1 = thread_ticks(proc.pid), rb.sys_cpu()
         c1 = resource.getrusage(resource.RUSAGE_CHILDREN)   # smtp-source: the only child reaped
         s1 = rb.tree_ticks(sink.proc.pid) if sink else 0
         got = (sink.count() - base) if sink else args.n
     finally:
+        if lg is not None and lg.poll() is None:
+            lg.kill()
+            lg.wait()
         rb.stop_proc(proc)
         if sink:
             rb.stop_proc(sink.proc)
